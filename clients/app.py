@@ -1,0 +1,187 @@
+"""The Flower ClientApp of a business unit.
+
+Flower's legacy `NumPyClient` (the only client kind Flower 1.41's SecAgg+ works with): every round is
+a `fit` call whose instruction says whether to train or to evaluate. The BU re-reads and re-filters its
+silo every round (consent is evaluated as of the job's start), calibrates its own noise from the
+public plan, and keeps its accountant history in the node's state so that the epsilon it reports is
+cumulative over the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.client import ClientApp, NumPyClient
+
+from clients.pipeline import PreparedUnit, prepare_unit
+from clients.silo import load_silo
+from clients.training import entropy_generator, local_plan, train_dp_sgd
+from federation.evaluation import ScoreSummary
+from federation.models import build_model, predict_proba, set_parameters
+from federation.wire import UNIT_KEY, DroppedColumn, Instruction, Phase, Refusal, UnitReport
+from privacy.accounting import DpSgdEvent, calibrate_noise_multiplier, dp_sgd_epsilon
+from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed
+
+STATE_KEY = "silofed.dp_sgd"
+
+
+@dataclass(frozen=True)
+class Node:
+    """Where this node's silo is, and whether it is a simulated BU (seeds allowed) or a real one."""
+
+    silo: Path
+    simulated: bool
+
+
+class DpSgdState:
+    """The node's DP-SGD state for one run, kept in `context.state` between rounds."""
+
+    def __init__(self, context: Context, run_id: str) -> None:
+        self._context = context
+        record = context.state.config_records.get(STATE_KEY)
+        if record is None or record["run_id"] != run_id:
+            record = ConfigRecord({"run_id": run_id, "noise_multiplier": 0.0})
+            record["nm"], record["q"], record["steps"] = [], [], []
+        self._record = record
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        value = float(self._record["noise_multiplier"])
+        return value if value > 0 else None
+
+    @property
+    def history(self) -> tuple[DpSgdEvent, ...]:
+        r = self._record
+        return tuple(
+            DpSgdEvent(nm, q, s) for nm, q, s in zip(r["nm"], r["q"], r["steps"], strict=True)
+        )
+
+    def save(self, noise_multiplier: float, history: Sequence[DpSgdEvent]) -> None:
+        self._record["noise_multiplier"] = noise_multiplier
+        self._record["nm"] = [e.noise_multiplier for e in history]
+        self._record["q"] = [e.sample_rate for e in history]
+        self._record["steps"] = [e.steps for e in history]
+        self._context.state.config_records[STATE_KEY] = self._record
+
+
+class BusinessUnitClient(NumPyClient):
+    def __init__(self, node: Node, context: Context) -> None:
+        self.node = node
+        self.context = context
+
+    def get_parameters(self, config):
+        raise RunFailed("silofed's coordinator initialises the model; it never asks a BU for one")
+
+    def fit(self, parameters, config):
+        instruction = Instruction.from_config(config)
+        if instruction.seed is not None and not self.node.simulated:
+            raise ConfigurationError(
+                "a seed was sent to a deployed BU; seeds exist only in simulation, and a BU in "
+                "production draws its noise from the operating system's entropy"
+            )
+        job = instruction.job
+        silo = load_silo(self.node.silo)
+        try:
+            prepared = prepare_unit(silo, job, as_of=job.consent_as_of or instruction.started_at)
+        except RefusedByUnit as refusal:
+            return [], 0, Refusal(unit=silo.unit, reason=str(refusal)).to_metrics()
+        if instruction.phase is Phase.EVALUATE:
+            return self._evaluate(prepared, parameters, instruction)
+        return self._train(prepared, parameters, instruction)
+
+    def _evaluate(self, prepared: PreparedUnit, parameters, instruction: Instruction):
+        job = instruction.job
+        model = build_model(job.task, job.feature_spec.dim)
+        set_parameters(model, parameters)
+        scores = predict_proba(model, prepared.test.features)
+        summary = ScoreSummary.of(scores, prepared.test.labels)
+        return summary.to_arrays(), len(prepared.test.labels), {UNIT_KEY: prepared.unit}
+
+    def _train(self, prepared: PreparedUnit, parameters, instruction: Instruction):
+        job = instruction.job
+        records = len(prepared.train.labels)
+        if records == 0:
+            raise RunFailed(
+                f"unit '{prepared.unit}' has no eligible training customer for purpose "
+                f"'{job.purpose}' (excluded: {prepared.excluded})"
+            )
+        plan = local_plan(records, job.training)
+        state = DpSgdState(self.context, instruction.run_id)
+        noise_multiplier = state.noise_multiplier or calibrate_noise_multiplier(
+            job.epsilon, job.delta, plan.sample_rate, plan.steps_per_round * job.rounds
+        )
+        seed = None
+        if instruction.seed is not None:  # simulation: reproducible, distinct per BU and round
+            seed = int(
+                np.random.SeedSequence(
+                    [instruction.seed, instruction.server_round, *prepared.unit.encode()]
+                ).generate_state(1)[0]
+            )
+        update = train_dp_sgd(
+            build_model(job.task, job.feature_spec.dim),
+            parameters,
+            prepared.train.features,
+            prepared.train.labels,
+            job.training,
+            noise_multiplier,
+            state.history,
+            entropy_generator(seed),
+        )
+        state.save(noise_multiplier, update.history)
+        report = UnitReport(
+            unit=prepared.unit,
+            records_used=records,
+            records_test=len(prepared.test.labels),
+            excluded=prepared.excluded,
+            columns_used=list(prepared.columns_used),
+            columns_dropped=[
+                DroppedColumn(column=d.column, reason=d.reason) for d in prepared.columns_dropped
+            ],
+            epsilon=dp_sgd_epsilon(update.history, job.delta),
+            noise_multiplier=noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=sum(e.steps for e in update.history),
+        )
+        return update.parameters, records, report.to_metrics()
+
+
+def simulated_silo(context: Context, silos: Sequence[Path] | None) -> Node:
+    """Simulation: virtual node `partition-id` serves the i-th silo (given, or listed from the
+    run config's `data-dir`). Deployment: the node config names its silo (`silo = "..."`)."""
+    if "silo" in context.node_config:
+        return Node(silo=Path(str(context.node_config["silo"])), simulated=False)
+    if "partition-id" not in context.node_config:
+        raise ConfigurationError(
+            "this node has neither a 'silo' entry in its node config nor a simulation partition; "
+            "start it with `silofed deploy node` or through `silofed simulate`"
+        )
+    index = int(context.node_config["partition-id"])
+    if silos is None:
+        data_dir = str(context.run_config.get("data-dir", ""))
+        if not data_dir:
+            raise ConfigurationError(
+                "run config 'data-dir' is empty: pass --run-config \"data-dir='SILOS'\" to flwr run"
+            )
+        silos = sorted(p.parent for p in Path(data_dir).glob("*/schema.json"))
+    if index >= len(silos):
+        raise ConfigurationError(f"simulation node {index} has no silo (only {len(silos)} found)")
+    return Node(silo=Path(silos[index]), simulated=True)
+
+
+def make_client_app(silos: Sequence[Path] | None = None) -> ClientApp:
+    """The ClientApp; `silos` lists the simulated BUs' directories (in node order) when the
+    simulation runner knows them, otherwise they are resolved from the node or run config."""
+
+    def client_fn(context: Context):
+        torch.set_num_threads(1)  # one core per virtual node; 2-core machines thrash otherwise
+        return BusinessUnitClient(simulated_silo(context, silos), context).to_client()
+
+    return ClientApp(client_fn=client_fn)
+
+
+app = make_client_app()

@@ -1,0 +1,199 @@
+"""The `silofed` command.
+
+Exit codes: 0 done; 1 run failed; 2 bad usage or configuration; 3 refused by a BU (consent, budget).
+Heavy modules (torch, Flower, Ray) are imported inside the commands so that `silofed --help` is fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from privacy.errors import SilofedError
+
+EXIT_CODES = """Exit codes: 0 done; 1 run failed; 2 bad usage or configuration; 3 refused by a BU
+(consent or budget)."""
+
+app = typer.Typer(
+    name="silofed",
+    help="Privacy-preserving federated customer analytics across business-unit silos.\n\n"
+    + EXIT_CODES,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Create and inspect silo data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=False)
+errors = Console(stderr=True)
+
+
+@app.command(epilog=EXIT_CODES)
+def simulate(
+    units: Annotated[
+        int | None, typer.Option(help="number of synthetic BUs (default 5); must match --data")
+    ] = None,
+    customers: Annotated[int, typer.Option(help="customers per synthetic BU, on average")] = 3000,
+    rounds: Annotated[int, typer.Option(help="federated rounds")] = 5,
+    epsilon: Annotated[float, typer.Option(help="per-BU epsilon target for this run")] = 3.0,
+    delta: Annotated[float, typer.Option(help="delta, the same for every BU")] = 1e-6,
+    seed: Annotated[
+        int, typer.Option(help="simulation seed (data, sampling and noise); never in a job file")
+    ] = 0,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="existing silos (one directory per BU) instead of generated ones"),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="the run directory (default runs/<run-id>)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
+) -> None:
+    """Run a federated, differentially private churn model over simulated BUs on this machine."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from federation.job import Job
+    from server.artefacts import new_run_id
+    from simulations.runner import SimulationSettings
+    from simulations.runner import simulate as run_simulation
+
+    job = Job.parse({"rounds": rounds, "epsilon": epsilon, "delta": delta}, source="command line")
+    settings = SimulationSettings(
+        out=out or Path("runs") / new_run_id(),
+        units=units,
+        customers=customers,
+        data=data,
+        seed=seed,
+        overwrite=overwrite,
+        verbose=verbose,
+    )
+    with Progress(
+        TextColumn("[bold]rounds"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("starting the Simulation Engine ...", total=rounds)
+
+        def on_round(summary) -> None:
+            worst = max(summary.epsilon.values(), default=0.0)
+            progress.update(
+                task,
+                advance=1,
+                description=f"AUC {summary.metrics['auc']:.4f}  max epsilon {worst:.3f}",
+            )
+
+        result = run_simulation(settings, job, on_round=on_round)
+    _print_summary(result.report, result.out)
+
+
+def _print_summary(report: dict, out: Path) -> None:
+    metrics = report["model"]["metrics"]
+    table = Table(
+        title=f"silofed run {report['run_id']}  ({report['job']['task']}, purpose {report['job']['purpose']})"
+    )
+    for column in (
+        "unit",
+        "epsilon",
+        "noise mult.",
+        "sample rate",
+        "steps",
+        "records used",
+        "excluded",
+    ):
+        table.add_column(column, justify="left" if column in ("unit", "excluded") else "right")
+    for unit in report["privacy"]["per_unit"]:
+        if unit["refused"]:
+            table.add_row(unit["unit"], "refused", "", "", "", "", unit["refusal"])
+            continue
+        table.add_row(
+            unit["unit"],
+            f"{unit['epsilon']:.3f}",
+            f"{unit['noise_multiplier']:.3f}",
+            f"{unit['sample_rate']:.4f}",
+            str(unit["steps"]),
+            str(unit["records_used"]),
+            ", ".join(f"{k} {v}" for k, v in unit["excluded"].items()),
+        )
+    console.print(table)
+    ceiling = metrics["auc_ceiling"]
+    console.print(
+        f"global AUC [bold]{metrics['auc']:.4f}[/bold]"
+        + (f" (ceiling {ceiling:.4f}, gap {ceiling - metrics['auc']:.4f})" if ceiling else "")
+        + f"  log-loss {metrics['log_loss']:.4f}  Brier {metrics['brier']:.4f}"
+        + f"  on {metrics['test_customers']} held-out customers ({report['model']['evaluation']})"
+    )
+    console.print(
+        f"privacy: every BU epsilon <= {report['job']['epsilon']} at delta {report['privacy']['delta']:g}"
+        f" (max {max((u['epsilon'] for u in report['privacy']['per_unit']), default=0):.3f})"
+    )
+    console.print(
+        f"run directory: {out}  (report.html, report.json, model.pt, metrics.jsonl, job.json)"
+    )
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="directory to write the silos into")],
+    units: Annotated[int, typer.Option(help="number of BUs")] = 5,
+    customers: Annotated[int, typer.Option(help="customers per BU, on average")] = 3000,
+    seed: Annotated[int, typer.Option(help="generator seed")] = 0,
+    overlap: Annotated[
+        float, typer.Option(help="share of each BU's customers who are also customers of other BUs")
+    ] = 0.2,
+    csv: Annotated[bool, typer.Option("--csv", help="write CSV instead of Parquet")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+) -> None:
+    """Write synthetic BU silos (customers, transactions, consent, schema) with a known ground truth."""
+    from simulations.synthetic import synthesize
+
+    result = synthesize(
+        out,
+        units=units,
+        customers=customers,
+        seed=seed,
+        overlap=overlap,
+        file_format="csv" if csv else "parquet",
+        overwrite=overwrite,
+    )
+    console.print(
+        f"wrote {len(result.units)} silos to {result.directory}: {', '.join(result.units)}"
+    )
+    console.print(
+        "churn base rates: " + ", ".join(f"{u} {r:.3f}" for u, r in result.base_rates.items())
+    )
+    console.print(
+        f"AUC ceiling of the true model on the held-out customers: {result.auc_ceiling:.4f}"
+    )
+
+
+def main() -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower telemetry is off unless turned on
+    try:
+        app(standalone_mode=False)
+    except SilofedError as err:
+        errors.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        raise SystemExit(err.exit_code) from None
+    except (typer.Abort, KeyboardInterrupt):
+        errors.print("aborted")
+        raise SystemExit(1) from None
+    except Exception as err:
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            raise SystemExit(2) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Differential-privacy accounting for DP-SGD (Abadi et al. 2016; Mironov 2017, RDP).
+
+Privacy spending is a sequence of immutable events; the epsilon of a sequence at a given delta is
+computed by Opacus's RDP accountant (never by a home-made one), so the figure a report shows is the
+figure Opacus would show for the same noise multiplier, sample rate and steps. Calibration searches the
+noise multiplier that spends a target epsilon over a planned number of steps, never exceeding it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from opacus.accountants import RDPAccountant
+
+from privacy.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class DpSgdEvent:
+    """`steps` DP-SGD steps with Poisson sampling at `sample_rate` and Gaussian noise of
+    standard deviation `noise_multiplier` x clipping norm."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and 0 < self.sample_rate <= 1 and self.steps >= 0):
+            raise ValueError(f"invalid DP-SGD event {self}")
+
+
+def dp_sgd_epsilon(events: Sequence[DpSgdEvent], delta: float) -> float:
+    """Epsilon at `delta` of all `events` composed, by Opacus's RDP accountant."""
+    if not any(e.steps for e in events):
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps]
+    return float(accountant.get_epsilon(delta))
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    *,
+    relative_tolerance: float = 0.05,
+    spent: Sequence[DpSgdEvent] = (),
+) -> float:
+    """The noise multiplier whose `steps` steps at `sample_rate`, composed after `spent`, reach an
+    epsilon in [(1 - relative_tolerance) x target, target] at `delta`. Never above the target."""
+    if target_epsilon <= 0 or not 0 < delta < 1 or steps <= 0 or not 0 < sample_rate <= 1:
+        raise ConfigurationError(
+            f"cannot calibrate noise for epsilon={target_epsilon}, delta={delta}, "
+            f"sample_rate={sample_rate}, steps={steps}: all must be positive (delta and the "
+            "sample rate below 1)."
+        )
+
+    def epsilon(sigma: float) -> float:
+        return dp_sgd_epsilon([*spent, DpSgdEvent(sigma, sample_rate, steps)], delta)
+
+    low, high = 0.0, 1.0
+    while epsilon(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e6:
+            raise ConfigurationError(
+                f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta} "
+                f"with {steps} steps at sample rate {sample_rate}; raise epsilon or plan fewer steps."
+            )
+    for _ in range(200):
+        if epsilon(high) >= (1 - relative_tolerance) * target_epsilon:
+            return high
+        mid = (low + high) / 2
+        if epsilon(mid) <= target_epsilon:
+            high = mid
+        else:
+            low = mid
+        if math.isclose(low, high, rel_tol=1e-12):
+            break
+    return high

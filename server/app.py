@@ -1,0 +1,138 @@
+"""The silofed ServerApp (`server.app:app`): plan the run, drive the rounds, write the run directory.
+
+`silofed simulate` builds the app with a ready plan (`make_server_app(plan_for)`); `flwr run .` uses the
+module-level `app`, which reads its plan from the Flower run config (`[tool.flwr.app.config]`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg
+from flwr.serverapp import Grid, ServerApp
+
+from federation.features import FeatureSpec, resolve_feature_spec
+from federation.job import Job, Task
+from federation.models import build_model, set_parameters
+from privacy.errors import ConfigurationError
+from privacy.schema import SCHEMA_FILE, SiloSchema
+from server.artefacts import new_run_id, publish, staging_dir, write_atomic
+from server.report import build_report, render_html
+from server.run import RunPlan, RunRecord
+from server.strategy import FederatedRounds
+from server.workflow import RoundsWorkflow
+
+MODEL_FORMAT = "silofed.model/1"
+
+
+def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
+    record = RunRecord(plan)
+    units = plan.expected_units
+    inner = FedAvg(
+        fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=units, min_available_clients=units
+    )
+    strategy = FederatedRounds(inner, record)
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=plan.job.rounds), strategy=strategy
+    )
+    parameters = RoundsWorkflow()(grid, legacy)
+    write_run_directory(record, parameters)
+    return record
+
+
+def write_run_directory(record: RunRecord, parameters: list) -> None:
+    plan, job = record.plan, record.plan.job
+    out = plan.out
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "job.json", job.model_dump_json(indent=2))
+    model = build_model(job.task, job.feature_spec.dim)
+    set_parameters(model, parameters)
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "task": job.task.value,
+            "state_dict": model.state_dict(),
+            "feature_spec": job.feature_spec.model_dump_json(),
+        },
+        buffer,
+    )
+    write_atomic(out / "model.pt", buffer.getvalue())
+    lines = [
+        json.dumps({"round": s.server_round, **s.metrics, "epsilon": s.epsilon}, sort_keys=True)
+        for s in record.rounds
+    ]
+    write_atomic(out / "metrics.jsonl", "\n".join(lines) + "\n")
+    report = build_report(record)
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_atomic(out / "report.html", render_html(report))
+
+
+def load_model(path: Path):
+    """The model and feature spec of a run directory's `model.pt` (loaded with weights_only)."""
+    saved = torch.load(path, weights_only=True)
+    if saved.get("format") != MODEL_FORMAT:
+        raise ConfigurationError(f"{path}: not a silofed model file")
+    spec = FeatureSpec.model_validate_json(saved["feature_spec"])
+    model = build_model(Task(saved["task"]), spec.dim)
+    model.load_state_dict(saved["state_dict"])
+    return model, spec
+
+
+def plan_from_run_config(context: Context) -> RunPlan:
+    """`flwr run .`: the plan from `[tool.flwr.app.config]` and `--run-config` overrides."""
+    config = context.run_config
+    data_dir = Path(str(config.get("data-dir", "")))
+    schemas = [SiloSchema.load(p) for p in sorted(data_dir.glob(f"*/{SCHEMA_FILE}"))]
+    if not str(config.get("data-dir", "")) or not schemas:
+        raise ConfigurationError(
+            f"run config 'data-dir' ({str(data_dir)!r}) holds no silos; pass "
+            "--run-config \"data-dir='DIR'\" (write silos with `silofed data synth`)"
+        )
+    job = Job.parse(
+        {k: config[k] for k in ("task", "rounds", "epsilon", "delta") if k in config},
+        source="run config",
+    )
+    job = job.model_copy(update={"features": resolve_feature_spec(job.task, schemas)})
+    run_id = new_run_id()
+    return RunPlan(
+        run_id=run_id,
+        job=job,
+        expected_units=len(schemas),
+        mode="simulation",
+        out=Path(str(config.get("out", "")) or f"runs/{run_id}"),
+        started_at=datetime.now(UTC),
+    )
+
+
+def make_server_app(plan_for: Callable[[Context], RunPlan] | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if plan_for is not None:
+            run_federation(grid, context, plan_for(context))
+            return
+        plan = plan_from_run_config(context)
+        final = plan.out
+        staging = staging_dir(final)
+        try:
+            run_federation(grid, context, replace(plan, out=staging))
+            publish(staging, final, overwrite=False)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,1 @@
+"""silofed.simulations: synthetic business units, scenarios and the local simulation runner."""

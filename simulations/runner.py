@@ -1,0 +1,143 @@
+"""The local simulation runner behind `silofed simulate`.
+
+It prepares the simulated company (synthetic silos, or the analyst's own with `--data`), checks every
+silo against its schema before anything starts, resolves the job's public features from the declared
+schemas, and runs the ServerApp and one ClientApp per BU on Flower's Simulation Engine (Ray). The run
+directory is assembled under a staging name and published only when the run completed; a failed run
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from clients.app import make_client_app
+from clients.silo import load_silo
+from federation.features import resolve_feature_spec
+from federation.job import Job
+from privacy.errors import ConfigurationError, RunFailed
+from privacy.schema import SCHEMA_FILE
+from server.app import make_server_app
+from server.artefacts import check_target, new_run_id, publish, staging_dir
+from server.run import RoundCallback, RunPlan
+from simulations.synthetic import read_ceiling, synthesize
+
+WORKSPACE = "simulation"
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    out: Path
+    units: int | None = None  # default 5 when generating; must match --data when both are given
+    customers: int = 3000
+    data: Path | None = None
+    seed: int | None = 0
+    overwrite: bool = False
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    out: Path
+    report: dict
+
+
+def silo_directories(data: Path) -> list[Path]:
+    silos = sorted(p.parent for p in Path(data).glob(f"*/{SCHEMA_FILE}"))
+    if not silos:
+        raise ConfigurationError(
+            f"--data {data}: no silo found (a silo is a directory with a {SCHEMA_FILE}); "
+            "write some with `silofed data synth --out DIR`"
+        )
+    return silos
+
+
+def simulate(
+    settings: SimulationSettings, job: Job, on_round: RoundCallback | None = None
+) -> SimulationResult:
+    out = Path(settings.out)
+    check_target(out, overwrite=settings.overwrite)
+    staging = staging_dir(out)
+    try:
+        workspace = staging / WORKSPACE
+        if settings.data is not None:
+            silos_root = Path(settings.data)
+            silos = silo_directories(silos_root)
+            if settings.units is not None and settings.units != len(silos):
+                raise ConfigurationError(
+                    f"--units {settings.units} disagrees with --data {silos_root}, which holds "
+                    f"{len(silos)} silos; drop --units or point --data elsewhere"
+                )
+        else:
+            silos_root = workspace / "silos"
+            synthesize(
+                silos_root,
+                units=settings.units or 5,
+                customers=settings.customers,
+                seed=settings.seed if settings.seed is not None else 0,
+            )
+            silos = silo_directories(silos_root)
+        # Check every silo now, with the same loader the BUs use, so that a malformed silo stops
+        # the run before the Simulation Engine starts and names the file, column and row.
+        schemas = [load_silo(s).schema for s in silos]
+        job = job.model_copy(update={"features": resolve_feature_spec(job.task, schemas)})
+        plan = RunPlan(
+            run_id=new_run_id(),
+            job=job,
+            expected_units=len(silos),
+            mode="simulation",
+            out=staging,
+            started_at=datetime.now(UTC),
+            seed=settings.seed,
+            auc_ceiling=read_ceiling(silos_root, job.evaluation),
+            on_round=on_round,
+        )
+        _run_engine(plan, silos, verbose=settings.verbose)
+        report_path = staging / "report.json"
+        if not report_path.exists():
+            raise RunFailed("the simulation ended without a report; see the Flower log above")
+        report = json.loads(report_path.read_text())
+        if report["federation"]["rounds_completed"] != job.rounds:
+            raise RunFailed(
+                f"only {report['federation']['rounds_completed']} of {job.rounds} rounds completed"
+            )
+        publish(staging, out, overwrite=settings.overwrite)
+        return SimulationResult(out=out, report=report)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _run_engine(plan: RunPlan, silos: list[Path], *, verbose: bool) -> None:
+    from flwr.simulation import run_simulation
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    cores = max(1, min(len(silos), os.cpu_count() or 1))
+    try:
+        run_simulation(
+            server_app=make_server_app(lambda _context: plan),
+            client_app=make_client_app(silos),
+            num_supernodes=len(silos),
+            backend_config={
+                # one core and one torch thread per virtual BU: more thrashes a 2-core machine
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {
+                    "num_cpus": cores,
+                    "logging_level": "ERROR" if not verbose else "INFO",
+                    "log_to_driver": verbose,
+                },
+            },
+        )
+    except RuntimeError as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, Exception) and cause is not err:
+            raise cause from None
+        raise
