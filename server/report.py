@@ -160,7 +160,7 @@ def _svg_chart(
     ax.legend(fontsize="small")
     fig.tight_layout()
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
+    fig.savefig(buffer, format="svg", metadata={"Date": None})
     plt.close(fig)
     svg = buffer.getvalue()
     return svg[svg.index("<svg") :]

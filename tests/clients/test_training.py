@@ -1,0 +1,113 @@
+"""Local DP-SGD: the accountant's history survives rounds, and epsilon is Opacus's own."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+from opacus.accountants import RDPAccountant
+
+from clients.app import BusinessUnitClient, DpSgdState, Node
+from clients.training import entropy_generator, local_plan, train_dp_sgd
+from federation.features import resolve_feature_spec
+from federation.job import Job, Training
+from federation.models import build_model, initial_parameters
+from federation.wire import Instruction, Phase, UnitReport
+from privacy.accounting import DpSgdEvent, dp_sgd_epsilon
+from simulations.synthetic import unit_schema
+
+
+def _data(n: int = 300, d: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, d)).astype(np.float32)
+    y = (x[:, 0] + 0.2 * rng.standard_normal(n) > 0.5).astype(np.float32)
+    return x, y
+
+
+def test_local_plan_derives_the_sample_rate_from_size_and_public_batch_size() -> None:
+    plan = local_plan(1000, Training(expected_batch_size=256, local_epochs=2))
+    assert (plan.sample_rate, plan.steps_per_round) == (0.25, 8)
+    assert local_plan(10, Training(expected_batch_size=256)).sample_rate == 1.0
+
+
+def test_history_accumulates_across_rounds_and_matches_opacus() -> None:
+    x, y = _data()
+    training = Training(expected_batch_size=32, local_epochs=1)
+    model = build_model(Job().task, 4)
+    params = initial_parameters(Job().task, 4)
+    first = train_dp_sgd(model, params, x, y, training, 1.3, (), entropy_generator(1))
+    second = train_dp_sgd(
+        build_model(Job().task, 4), first.parameters, x, y, training, 1.3, first.history, entropy_generator(2)
+    )
+    q = 1 / 10  # ceil(300 / 32) = 10 batches
+    assert first.steps == second.steps == 10
+    assert first.history == (DpSgdEvent(1.3, q, 10),)
+    assert second.history == (DpSgdEvent(1.3, q, 20),)  # Opacus merges equal consecutive steps
+    one, two = dp_sgd_epsilon(first.history, 1e-5), dp_sgd_epsilon(second.history, 1e-5)
+    assert two > one > 0
+    reference = RDPAccountant()
+    for _ in range(20):
+        reference.step(noise_multiplier=1.3, sample_rate=q)
+    assert two == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
+
+
+def test_training_with_a_simulation_seed_is_reproducible_and_moves_the_model() -> None:
+    x, y = _data()
+    training = Training(expected_batch_size=32)
+    params = initial_parameters(Job().task, 4)
+    runs = [
+        train_dp_sgd(build_model(Job().task, 4), params, x, y, training, 1.0, (), entropy_generator(5))
+        for _ in range(2)
+    ]
+    for a, b in zip(runs[0].parameters, runs[1].parameters, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(runs[0].parameters[0]).sum() > 0
+
+
+def _instruction(phase: Phase, server_round: int, job: Job, seed: int | None = 3) -> dict:
+    return Instruction(
+        phase=phase,
+        server_round=server_round,
+        run_id="run-1",
+        started_at=datetime(2026, 6, 1, tzinfo=UTC),
+        job=job,
+        seed=seed,
+    ).to_config()
+
+
+def test_client_reports_cumulative_epsilon_over_rounds_kept_in_node_state(small_silos: Path) -> None:
+    """Flower re-creates the client every round; only the node's context survives."""
+    job = Job(rounds=2, epsilon=2.0, features=resolve_feature_spec("churn", [unit_schema("x")]))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    node = Node(silo=small_silos / "ecommerce", simulated=True)
+    params = initial_parameters(job.task, job.feature_spec.dim)
+    reports = []
+    for server_round in (1, 2):
+        client = BusinessUnitClient(node, context)  # a fresh client, as Flower does
+        params, n, metrics = client.fit(params, _instruction(Phase.TRAIN, server_round, job))
+        reports.append(UnitReport.from_metrics(metrics))
+    first, second = reports
+    assert second.steps == 2 * first.steps
+    assert first.noise_multiplier == second.noise_multiplier
+    assert first.epsilon < second.epsilon <= job.epsilon
+    assert second.epsilon >= 0.9 * job.epsilon  # calibrated for the whole run, not one round
+    state = DpSgdState(context, "run-1")
+    expected = dp_sgd_epsilon(
+        [DpSgdEvent(second.noise_multiplier, second.sample_rate, second.steps)], job.delta
+    )
+    assert second.epsilon == pytest.approx(expected, rel=1e-12)
+    assert state.history == (DpSgdEvent(second.noise_multiplier, second.sample_rate, second.steps),)
+    # A new run on the same node starts from nothing.
+    assert DpSgdState(context, "run-2").history == ()
+
+
+def test_a_deployed_client_refuses_a_seed(small_silos: Path) -> None:
+    job = Job(features=resolve_feature_spec("churn", [unit_schema("x")]))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    client = BusinessUnitClient(Node(silo=small_silos / "ecommerce", simulated=False), context)
+    params = initial_parameters(job.task, job.feature_spec.dim)
+    with pytest.raises(Exception, match="seeds exist only in simulation"):
+        client.fit(params, _instruction(Phase.TRAIN, 1, job, seed=3))

@@ -1,0 +1,142 @@
+"""DP-SGD accounting (privacy/accounting.py): the epsilon of a sequence of events is Opacus's RDP
+figure, and calibration spends a target epsilon within tolerance, never above it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import RDPAccountant
+
+from privacy.accounting import DpSgdEvent, calibrate_noise_multiplier, dp_sgd_epsilon
+from privacy.errors import ConfigurationError
+
+# Opacus warns when the best RDP order is at the end of its default range; that is expected for the
+# very small or very large epsilons explored here and changes no figure.
+pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning")
+
+
+def test_golden_epsilon_for_a_known_run() -> None:
+    epsilon = dp_sgd_epsilon([DpSgdEvent(1.5, 0.04, 2250)], 1e-5)
+
+    assert epsilon == pytest.approx(7.32911117143, rel=1e-6)
+
+
+def test_events_compose_like_one_event_of_the_summed_steps() -> None:
+    split = dp_sgd_epsilon([DpSgdEvent(1.5, 0.04, 1000), DpSgdEvent(1.5, 0.04, 1250)], 1e-5)
+    whole = dp_sgd_epsilon([DpSgdEvent(1.5, 0.04, 2250)], 1e-5)
+
+    assert split == pytest.approx(whole, rel=1e-9)
+
+
+def test_epsilon_equals_opacus_accountant_fed_step_by_step() -> None:
+    events = [DpSgdEvent(1.1, 0.02, 100), DpSgdEvent(0.9, 0.05, 150), DpSgdEvent(1.1, 0.02, 50)]
+    accountant = RDPAccountant()
+    for event in events:
+        for _ in range(event.steps):
+            accountant.step(noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate)
+
+    expected = accountant.get_epsilon(delta=1e-6)
+
+    assert dp_sgd_epsilon(events, 1e-6) == pytest.approx(expected, rel=1e-12)
+
+
+def test_two_rounds_spend_more_than_one() -> None:
+    one_round = DpSgdEvent(1.2, 0.05, 40)
+
+    once = dp_sgd_epsilon([one_round], 1e-6)
+    twice = dp_sgd_epsilon([one_round, one_round], 1e-6)
+
+    assert 0 < once < twice
+
+
+def test_empty_history_spends_nothing() -> None:
+    assert dp_sgd_epsilon([], 1e-6) == 0.0
+    assert dp_sgd_epsilon([DpSgdEvent(1.0, 0.1, 0)], 1e-6) == 0.0
+
+
+def test_smaller_delta_costs_more_epsilon() -> None:
+    events = [DpSgdEvent(1.0, 0.01, 500)]
+
+    assert dp_sgd_epsilon(events, 1e-8) > dp_sgd_epsilon(events, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("noise_multiplier", "sample_rate", "steps"),
+    [(0.0, 0.1, 1), (-1.0, 0.1, 1), (1.0, 0.0, 1), (1.0, 1.5, 1), (1.0, 0.1, -1)],
+)
+def test_an_impossible_event_is_refused(
+    noise_multiplier: float, sample_rate: float, steps: int
+) -> None:
+    with pytest.raises(ValueError):
+        DpSgdEvent(noise_multiplier, sample_rate, steps)
+
+
+def accountant_floor(sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon as the noise grows without bound: the RDP-to-(epsilon, delta) conversion over Opacus's
+    default orders (at most 63) cannot certify less, whatever the noise."""
+    return dp_sgd_epsilon([DpSgdEvent(1e6, sample_rate, steps)], delta)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    target=st.floats(min_value=0.05, max_value=20.0),
+    steps=st.integers(min_value=1, max_value=3000),
+    sample_rate=st.floats(min_value=1e-3, max_value=0.5),
+    delta=st.floats(min_value=1e-8, max_value=1e-4),
+)
+def test_calibrated_noise_spends_the_target_within_ten_percent_never_more(
+    target: float, steps: int, sample_rate: float, delta: float
+) -> None:
+    floor = accountant_floor(sample_rate, steps, delta)
+    if target < floor * (1 - 1e-9):
+        # No noise multiplier can reach it: the calibration must refuse rather than overspend.
+        with pytest.raises(ConfigurationError):
+            calibrate_noise_multiplier(target, delta, sample_rate, steps)
+        return
+
+    sigma = calibrate_noise_multiplier(target, delta, sample_rate, steps)
+
+    epsilon = dp_sgd_epsilon([DpSgdEvent(sigma, sample_rate, steps)], delta)
+    assert sigma > 0
+    assert 0.9 * target <= epsilon <= target
+
+
+def test_calibration_composes_after_what_was_spent() -> None:
+    spent = [DpSgdEvent(1.0, 0.05, 200)]
+    already = dp_sgd_epsilon(spent, 1e-6)
+
+    sigma = calibrate_noise_multiplier(already + 2.0, 1e-6, 0.05, 200, spent=spent)
+
+    total = dp_sgd_epsilon([*spent, DpSgdEvent(sigma, 0.05, 200)], 1e-6)
+    assert 0.95 * (already + 2.0) <= total <= already + 2.0
+
+
+def test_unreachable_target_is_refused() -> None:
+    # Below the floor of the accountant's conversion at delta=1e-8 (about 0.214).
+    assert accountant_floor(0.01, 1, 1e-8) > 0.2
+    with pytest.raises(ConfigurationError, match="no noise multiplier reaches epsilon 0.1"):
+        calibrate_noise_multiplier(0.1, 1e-8, 0.01, 1)
+
+
+@pytest.mark.parametrize(
+    ("target_epsilon", "delta", "sample_rate", "steps"),
+    [
+        (0.0, 1e-5, 0.01, 100),
+        (-1.0, 1e-5, 0.01, 100),
+        (math.nan, 1e-5, 0.01, 100),
+        (1.0, 1e-5, 0.01, 0),
+        (1.0, 1e-5, 0.01, -5),
+        (1.0, 1e-5, 0.0, 100),
+        (1.0, 1e-5, 1.5, 100),
+        (1.0, 0.0, 0.01, 100),
+        (1.0, 1.0, 0.01, 100),
+    ],
+)
+def test_calibration_refuses_bad_inputs(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int
+) -> None:
+    with pytest.raises(ConfigurationError):
+        calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps)

@@ -1,0 +1,181 @@
+"""`FederatedRounds`, driven in process with hand-made replies: delegation to the wrapped
+strategy, evaluation sums, refusals and failures."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg, Strategy
+
+from federation.evaluation import ScoreSummary
+from federation.features import resolve_feature_spec
+from federation.job import Job
+from federation.wire import UNIT_KEY, DroppedColumn, Instruction, Phase, Refusal, UnitReport
+from privacy.errors import RefusedByUnit, RunFailed
+from server.report import build_report, render_html
+from server.run import RunPlan, RunRecord
+from server.strategy import FederatedRounds
+from simulations.synthetic import unit_schema
+from tests.report_contract import assert_report_contract
+
+
+class Proxy(ClientProxy):
+    def __init__(self, node_id: int) -> None:
+        super().__init__(str(node_id))
+        self.node_id = node_id
+
+    def get_properties(self, ins, timeout, group_id):  # pragma: no cover - unused
+        raise NotImplementedError
+
+    get_parameters = fit = evaluate = reconnect = get_properties
+
+
+class SumPlusOne(Strategy):
+    """Test double: aggregates by summing and adding one, so its use is visible in the result."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.calls += 1
+        arrays = [parameters_to_ndarrays(r.parameters) for _, r in results]
+        return ndarrays_to_parameters([sum(a[i] for a in arrays) + 1 for i in range(len(arrays[0]))]), {}
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return []
+
+    initialize_parameters = configure_evaluate = aggregate_evaluate = evaluate = None
+
+
+def _record(tmp_path: Path, units: int = 2) -> RunRecord:
+    job = Job(rounds=1, features=resolve_feature_spec("churn", [unit_schema("x")]))
+    plan = RunPlan(
+        run_id="r1",
+        job=job,
+        expected_units=units,
+        mode="simulation",
+        out=tmp_path,
+        started_at=datetime(2026, 6, 1, tzinfo=UTC),
+        seed=0,
+        auc_ceiling=0.9,
+    )
+    return RunRecord(plan)
+
+
+def _report(unit: str, records: int, epsilon: float = 1.0) -> UnitReport:
+    return UnitReport(
+        unit=unit,
+        records_used=records,
+        records_test=10,
+        excluded={"no_consent": 3, "revoked": 1},
+        columns_used=["customers.age"],
+        columns_dropped=[DroppedColumn(column="customers.religion", reason="special_category")],
+        epsilon=epsilon,
+        noise_multiplier=1.1,
+        sample_rate=0.1,
+        steps=10,
+    )
+
+
+def _train_reply(node: int, arrays: list[np.ndarray], report: UnitReport) -> tuple[ClientProxy, FitRes]:
+    return Proxy(node), FitRes(
+        Status(Code.OK, ""), ndarrays_to_parameters(arrays), report.records_used, report.to_metrics()
+    )
+
+
+def test_training_is_delegated_to_the_wrapped_strategy(tmp_path: Path) -> None:
+    inner = SumPlusOne()
+    strategy = FederatedRounds(inner, _record(tmp_path))
+    replies = [
+        _train_reply(1, [np.array([1.0, 2.0])], _report("a", 10)),
+        _train_reply(2, [np.array([3.0, 4.0])], _report("b", 30)),
+    ]
+    parameters, _ = strategy.aggregate_fit(1, replies, [])
+    assert inner.calls == 1
+    np.testing.assert_array_equal(parameters_to_ndarrays(parameters)[0], [5.0, 7.0])
+
+
+def test_fedavg_training_rounds_weight_by_records_used(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    strategy = FederatedRounds(FedAvg(), record)
+    replies = [
+        _train_reply(1, [np.array([1.0, 2.0])], _report("a", 10)),
+        _train_reply(2, [np.array([3.0, 4.0])], _report("b", 30)),
+    ]
+    parameters, _ = strategy.aggregate_fit(1, replies, [])
+    np.testing.assert_allclose(parameters_to_ndarrays(parameters)[0], [2.5, 3.5])
+    assert record.units == ["a", "b"]
+    assert strategy.completed[Phase.TRAIN] == 1
+
+
+def test_evaluation_rounds_sum_the_units_statistics(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    strategy = FederatedRounds(FedAvg(), record)
+    strategy.phase = Phase.EVALUATE
+    rng = np.random.default_rng(0)
+    scores = rng.random(400)
+    labels = rng.random(400) < scores
+    parts = [ScoreSummary.of(scores[:150], labels[:150]), ScoreSummary.of(scores[150:], labels[150:])]
+    replies = [
+        (Proxy(i), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(p.to_arrays()), p.count, {UNIT_KEY: f"u{i}"}))
+        for i, p in enumerate(parts)
+    ]
+    parameters, _ = strategy.aggregate_fit(1, replies, [])
+    assert parameters is None  # the global model is not touched by an evaluation exchange
+    assert record.rounds[0].metrics == pytest.approx(ScoreSummary.of(scores, labels).metrics(), rel=1e-12)
+
+
+def test_a_failed_unit_fails_the_run_with_its_message(tmp_path: Path) -> None:
+    strategy = FederatedRounds(FedAvg(), _record(tmp_path))
+    failure = Exception("Error(code=2, reason='... Message: silo.csv: column age, row 3: not a number\\n')")
+    with pytest.raises(RunFailed, match=r"1 BU\(s\) failed: silo.csv: column age, row 3: not a number"):
+        strategy.aggregate_fit(1, [_train_reply(1, [np.ones(2)], _report("a", 5))], [failure])
+
+
+def test_refusals_are_kept_apart_and_all_refusing_is_exit_code_3(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    strategy = FederatedRounds(FedAvg(), record)
+    refusal = (Proxy(2), FitRes(Status(Code.OK, ""), Parameters([], ""), 0, Refusal(unit="b", reason="no consent").to_metrics()))
+    parameters, _ = strategy.aggregate_fit(1, [_train_reply(1, [np.ones(2)], _report("a", 5)), refusal], [])
+    np.testing.assert_array_equal(parameters_to_ndarrays(parameters)[0], np.ones(2))
+    assert record.refused == {"b": "no consent"}
+    with pytest.raises(RefusedByUnit) as raised:
+        FederatedRounds(FedAvg(), _record(tmp_path)).aggregate_fit(1, [refusal], [])
+    assert raised.value.exit_code == 3
+
+
+def test_every_train_message_carries_the_typed_instruction(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    strategy = FederatedRounds(FedAvg(min_fit_clients=2, min_available_clients=2), record)
+    manager = SimpleClientManager()
+    for node in (1, 2):
+        manager.register(Proxy(node))
+    pairs = strategy.configure_fit(3, ndarrays_to_parameters([np.zeros(2)]), manager)
+    assert len(pairs) == 2
+    for _, ins in pairs:
+        instruction = Instruction.from_config(ins.config)
+        assert (instruction.phase, instruction.server_round, instruction.run_id) == (Phase.TRAIN, 3, "r1")
+        assert instruction.job == record.plan.job and instruction.seed == 0
+
+
+def test_report_from_a_record_holds_the_contract_and_renders(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    strategy = FederatedRounds(FedAvg(), record)
+    strategy.aggregate_fit(1, [_train_reply(1, [np.ones(2)], _report("a", 5, 0.5))], [])
+    strategy.phase = Phase.EVALUATE
+    summary = ScoreSummary.of(np.array([0.2, 0.8, 0.6]), np.array([0, 1, 0]))
+    strategy.aggregate_fit(1, [(Proxy(1), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(summary.to_arrays()), 3, {UNIT_KEY: "a"}))], [])
+    report = build_report(record)
+    assert_report_contract(report)
+    assert report["model"]["metrics"]["auc"] == 1.0
+    assert report["privacy"]["per_unit"][0]["epsilon"] == 0.5
+    html = render_html(report)
+    assert html.count("<svg") == 2  # AUC and epsilon charts, inline
+    for external in ("<script", "<link", 'src="http', "href=\"http", "url(http"):
+        assert external not in html  # self-contained: nothing is fetched when it is opened
