@@ -88,11 +88,11 @@ class BusinessUnitClient(NumPyClient):
         silo = load_silo(self.node.silo)
         try:
             prepared = prepare_unit(silo, job, as_of=job.consent_as_of or instruction.started_at)
+            if instruction.phase is Phase.EVALUATE:
+                return self._evaluate(prepared, parameters, instruction)
+            return self._train(prepared, parameters, instruction)
         except RefusedByUnit as refusal:
             return [], 0, Refusal(unit=silo.unit, reason=str(refusal)).to_metrics()
-        if instruction.phase is Phase.EVALUATE:
-            return self._evaluate(prepared, parameters, instruction)
-        return self._train(prepared, parameters, instruction)
 
     def _evaluate(self, prepared: PreparedUnit, parameters, instruction: Instruction):
         job = instruction.job
@@ -115,6 +115,15 @@ class BusinessUnitClient(NumPyClient):
         noise_multiplier = state.noise_multiplier or calibrate_noise_multiplier(
             job.epsilon, job.delta, plan.sample_rate, plan.steps_per_round * job.rounds
         )
+        planned = DpSgdEvent(noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        would_reach = dp_sgd_epsilon([*state.history, planned], job.delta)
+        if would_reach > job.epsilon:
+            # e.g. fewer consented customers than when the noise was calibrated: a higher sample
+            # rate. The round is not trained; nothing is released.
+            raise RefusedByUnit(
+                f"unit '{prepared.unit}': round {instruction.server_round} would bring its epsilon "
+                f"to {would_reach:.4f}, above the job's {job.epsilon}; the round is not taken"
+            )
         seed = None
         if instruction.seed is not None:  # simulation: reproducible, distinct per BU and round
             seed = int(

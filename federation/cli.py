@@ -101,16 +101,10 @@ def _print_summary(report: dict, out: Path) -> None:
     table = Table(
         title=f"silofed run {report['run_id']}  ({report['job']['task']}, purpose {report['job']['purpose']})"
     )
-    for column in (
-        "unit",
-        "epsilon",
-        "noise mult.",
-        "sample rate",
-        "steps",
-        "records used",
-        "excluded",
-    ):
-        table.add_column(column, justify="left" if column in ("unit", "excluded") else "right")
+    table.add_column("unit", no_wrap=True)
+    for column in ("epsilon", "noise mult.", "sample rate", "steps", "records used"):
+        table.add_column(column, justify="right")
+    table.add_column("excluded")
     for unit in report["privacy"]["per_unit"]:
         if unit["refused"]:
             table.add_row(unit["unit"], "refused", "", "", "", "", unit["refusal"])

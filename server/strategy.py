@@ -62,7 +62,8 @@ class FederatedRounds(Strategy):
             return [
                 (proxy, FitIns(ins.parameters, {**ins.config, **config})) for proxy, ins in pairs
             ]
-        expected = self._plan.expected_units - len(self.record.refused)
+        # every BU is asked; one that refused the job refuses again and is kept apart below
+        expected = self._plan.expected_units
         proxies = client_manager.sample(num_clients=expected, min_num_clients=expected)
         return [(proxy, FitIns(parameters, config)) for proxy in proxies]
 

@@ -36,15 +36,32 @@ def test_help_documents_the_exit_codes(tmp_path: Path) -> None:
 
 
 def test_data_synth_writes_silos_and_reports_the_ceiling(tmp_path: Path) -> None:
-    done = silofed("data", "synth", "--units", "2", "--customers", "100", "--out", "silos", "--csv", cwd=tmp_path)
+    done = silofed(
+        "data",
+        "synth",
+        "--units",
+        "2",
+        "--customers",
+        "100",
+        "--out",
+        "silos",
+        "--csv",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "AUC ceiling" in done.stdout
     silos = tmp_path / "silos"
     assert sorted(p.name for p in silos.iterdir()) == [
-        "ecommerce", "ground_truth.parquet", "manifest.json", "retail_stores",
+        "ecommerce",
+        "ground_truth.parquet",
+        "manifest.json",
+        "retail_stores",
     ]
     assert sorted(p.name for p in (silos / "ecommerce").iterdir()) == [
-        "consent.csv", "customers.csv", "schema.json", "transactions.csv",
+        "consent.csv",
+        "customers.csv",
+        "schema.json",
+        "transactions.csv",
     ]
     again = silofed("data", "synth", "--units", "2", "--out", "silos", cwd=tmp_path)
     assert again.returncode == 2 and "--overwrite" in again.stderr
@@ -68,7 +85,11 @@ def test_a_malformed_silo_is_named_and_leaves_no_run_directory(tmp_path: Path) -
     done = silofed("simulate", "--data", "silos", "--out", "runs/bad", cwd=tmp_path)
     assert done.returncode == 2
     message = " ".join(done.stderr.split())
-    assert "silos/ecommerce/customers.csv" in message and "column 'age', row 5" in message and "'forty'" in message
+    assert (
+        "silos/ecommerce/customers.csv" in message
+        and "column 'age', row 5" in message
+        and "'forty'" in message
+    )
     assert list((tmp_path / "runs").iterdir()) == []  # neither the run nor a staging directory
 
 

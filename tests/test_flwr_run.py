@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _healthy() -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{LOCAL_SUPERLINK_HTTP_API_PORT}/health", timeout=1).is_success
+        return httpx.get(
+            f"http://127.0.0.1:{LOCAL_SUPERLINK_HTTP_API_PORT}/health", timeout=1
+        ).is_success
     except httpx.HTTPError:
         return False
 
@@ -47,11 +49,20 @@ def test_flwr_run_on_the_simulation_engine_writes_the_run_directory(tmp_path: Pa
     }
     superlink = subprocess.Popen(
         [
-            "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-            "--control-api-address", LOCAL_CONTROL_API_ADDRESS, "--host", "127.0.0.1",
-            "--port", str(LOCAL_SUPERLINK_HTTP_API_PORT),
+            "flower-superlink",
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--control-api-address",
+            LOCAL_CONTROL_API_ADDRESS,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(LOCAL_SUPERLINK_HTTP_API_PORT),
             "--disable-runtime-dependency-installation",
-            "--database", str(tmp_path / "state.db"),
+            "--database",
+            str(tmp_path / "state.db"),
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -66,10 +77,18 @@ def test_flwr_run_on_the_simulation_engine_writes_the_run_directory(tmp_path: Pa
             time.sleep(0.5)
         done = subprocess.run(
             [
-                "flwr", "run", ".", "--stream", "--run-config",
+                "flwr",
+                "run",
+                ".",
+                "--stream",
+                "--run-config",
                 f"data-dir='{silos}' out='{out}' rounds=2",
             ],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         report = json.loads((out / "report.json").read_text())

@@ -37,13 +37,30 @@ def silofed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_simulate_three_units_two_rounds_writes_a_complete_run_directory(tmp_path: Path) -> None:
     out = tmp_path / "run"
     done = silofed(
-        "simulate", "--units", "3", "--rounds", "2", "--customers", "500", "--epsilon", "3",
-        "--seed", "11", "--out", str(out), cwd=tmp_path,
+        "simulate",
+        "--units",
+        "3",
+        "--rounds",
+        "2",
+        "--customers",
+        "500",
+        "--epsilon",
+        "3",
+        "--seed",
+        "11",
+        "--out",
+        str(out),
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "global AUC" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "job.json", "metrics.jsonl", "model.pt", "report.html", "report.json", "simulation",
+        "job.json",
+        "metrics.jsonl",
+        "model.pt",
+        "report.html",
+        "report.json",
+        "simulation",
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging directory left behind
 
@@ -53,11 +70,18 @@ def test_simulate_three_units_two_rounds_writes_a_complete_run_directory(tmp_pat
     assert report["federation"]["seed"] == 11
     assert report["federation"]["units"] == ["card_services", "ecommerce", "retail_stores"]
     assert report["federation"]["rounds_completed"] == 2
-    assert report["job"] == {**report["job"], "task": "churn", "purpose": "churn_model", "rounds": 2}
+    assert report["job"] == {
+        **report["job"],
+        "task": "churn",
+        "purpose": "churn_model",
+        "rounds": 2,
+    }
     for unit in report["privacy"]["per_unit"]:
         assert 0.9 * 3 <= unit["epsilon"] <= 3.0
         assert unit["excluded"]["no_consent"] > 0
-        assert {"column": "customers.religion", "reason": "special_category"} in unit["columns_dropped"]
+        assert {"column": "customers.religion", "reason": "special_category"} in unit[
+            "columns_dropped"
+        ]
         assert not any("religion" in c or "health" in c for c in unit["columns_used"])
     metrics = report["model"]["metrics"]
     assert metrics["auc_ceiling"] is not None

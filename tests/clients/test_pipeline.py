@@ -81,7 +81,9 @@ def test_special_categories_never_reach_features(silo) -> None:
 
 def test_feature_scaling_and_domains_come_from_the_schema_not_the_data(silo) -> None:
     spec = _job(silo).feature_spec
-    assert spec == resolve_feature_spec("churn", [SiloSchema.model_validate(silo.schema.model_dump())])
+    assert spec == resolve_feature_spec(
+        "churn", [SiloSchema.model_validate(silo.schema.model_dump())]
+    )
     ages = dict(zip(spec.output_names, range(spec.dim), strict=True))
     age = next(f for f in spec.features if f.name == "age")
     assert (age.lower, age.upper) == (18.0, 100.0)  # declared, not the observed 18..90
@@ -122,7 +124,9 @@ def test_hold_out_split_is_a_keyed_hash_independent_of_labels(silo) -> None:
         silo,
         tables={
             **silo.tables,
-            "customers": silo.tables["customers"].assign(churned=~silo.tables["customers"]["churned"]),
+            "customers": silo.tables["customers"].assign(
+                churned=~silo.tables["customers"]["churned"]
+            ),
         },
     )
     a = prepare_unit(silo, job, as_of=AS_OF)

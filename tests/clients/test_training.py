@@ -15,7 +15,7 @@ from clients.training import entropy_generator, local_plan, train_dp_sgd
 from federation.features import resolve_feature_spec
 from federation.job import Job, Training
 from federation.models import build_model, initial_parameters
-from federation.wire import Instruction, Phase, UnitReport
+from federation.wire import Instruction, Phase, UnitReport, refusal_of
 from privacy.accounting import DpSgdEvent, dp_sgd_epsilon
 from simulations.synthetic import unit_schema
 
@@ -40,7 +40,14 @@ def test_history_accumulates_across_rounds_and_matches_opacus() -> None:
     params = initial_parameters(Job().task, 4)
     first = train_dp_sgd(model, params, x, y, training, 1.3, (), entropy_generator(1))
     second = train_dp_sgd(
-        build_model(Job().task, 4), first.parameters, x, y, training, 1.3, first.history, entropy_generator(2)
+        build_model(Job().task, 4),
+        first.parameters,
+        x,
+        y,
+        training,
+        1.3,
+        first.history,
+        entropy_generator(2),
     )
     q = 1 / 10  # ceil(300 / 32) = 10 batches
     assert first.steps == second.steps == 10
@@ -59,7 +66,9 @@ def test_training_with_a_simulation_seed_is_reproducible_and_moves_the_model() -
     training = Training(expected_batch_size=32)
     params = initial_parameters(Job().task, 4)
     runs = [
-        train_dp_sgd(build_model(Job().task, 4), params, x, y, training, 1.0, (), entropy_generator(5))
+        train_dp_sgd(
+            build_model(Job().task, 4), params, x, y, training, 1.0, (), entropy_generator(5)
+        )
         for _ in range(2)
     ]
     for a, b in zip(runs[0].parameters, runs[1].parameters, strict=True):
@@ -78,7 +87,9 @@ def _instruction(phase: Phase, server_round: int, job: Job, seed: int | None = 3
     ).to_config()
 
 
-def test_client_reports_cumulative_epsilon_over_rounds_kept_in_node_state(small_silos: Path) -> None:
+def test_client_reports_cumulative_epsilon_over_rounds_kept_in_node_state(
+    small_silos: Path,
+) -> None:
     """Flower re-creates the client every round; only the node's context survives."""
     job = Job(rounds=2, epsilon=2.0, features=resolve_feature_spec("churn", [unit_schema("x")]))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
@@ -87,7 +98,7 @@ def test_client_reports_cumulative_epsilon_over_rounds_kept_in_node_state(small_
     reports = []
     for server_round in (1, 2):
         client = BusinessUnitClient(node, context)  # a fresh client, as Flower does
-        params, n, metrics = client.fit(params, _instruction(Phase.TRAIN, server_round, job))
+        params, _n, metrics = client.fit(params, _instruction(Phase.TRAIN, server_round, job))
         reports.append(UnitReport.from_metrics(metrics))
     first, second = reports
     assert second.steps == 2 * first.steps
@@ -111,3 +122,21 @@ def test_a_deployed_client_refuses_a_seed(small_silos: Path) -> None:
     params = initial_parameters(job.task, job.feature_spec.dim)
     with pytest.raises(Exception, match="seeds exist only in simulation"):
         client.fit(params, _instruction(Phase.TRAIN, 1, job, seed=3))
+
+
+def test_a_round_that_would_exceed_the_target_is_refused_before_training(small_silos: Path) -> None:
+    job = Job(rounds=1, epsilon=1.0, features=resolve_feature_spec("churn", [unit_schema("x")]))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    node = Node(silo=small_silos / "ecommerce", simulated=True)
+    params = initial_parameters(job.task, job.feature_spec.dim)
+    trained, _, metrics = BusinessUnitClient(node, context).fit(
+        params, _instruction(Phase.TRAIN, 1, job)
+    )
+    spent = UnitReport.from_metrics(metrics).epsilon
+    # The plan was one round; a second round would overspend, so the BU refuses and takes no step.
+    again, n, metrics = BusinessUnitClient(node, context).fit(
+        trained, _instruction(Phase.TRAIN, 2, job)
+    )
+    assert (again, n) == ([], 0)
+    assert "above the job's 1.0" in refusal_of(metrics).reason
+    assert dp_sgd_epsilon(DpSgdState(context, "run-1").history, job.delta) == spent

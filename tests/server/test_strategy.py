@@ -8,7 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    Code,
+    FitRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg, Strategy
@@ -45,7 +52,9 @@ class SumPlusOne(Strategy):
     def aggregate_fit(self, server_round, results, failures):
         self.calls += 1
         arrays = [parameters_to_ndarrays(r.parameters) for _, r in results]
-        return ndarrays_to_parameters([sum(a[i] for a in arrays) + 1 for i in range(len(arrays[0]))]), {}
+        return ndarrays_to_parameters(
+            [sum(a[i] for a in arrays) + 1 for i in range(len(arrays[0]))]
+        ), {}
 
     def configure_fit(self, server_round, parameters, client_manager):
         return []
@@ -83,9 +92,14 @@ def _report(unit: str, records: int, epsilon: float = 1.0) -> UnitReport:
     )
 
 
-def _train_reply(node: int, arrays: list[np.ndarray], report: UnitReport) -> tuple[ClientProxy, FitRes]:
+def _train_reply(
+    node: int, arrays: list[np.ndarray], report: UnitReport
+) -> tuple[ClientProxy, FitRes]:
     return Proxy(node), FitRes(
-        Status(Code.OK, ""), ndarrays_to_parameters(arrays), report.records_used, report.to_metrics()
+        Status(Code.OK, ""),
+        ndarrays_to_parameters(arrays),
+        report.records_used,
+        report.to_metrics(),
     )
 
 
@@ -121,28 +135,55 @@ def test_evaluation_rounds_sum_the_units_statistics(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     scores = rng.random(400)
     labels = rng.random(400) < scores
-    parts = [ScoreSummary.of(scores[:150], labels[:150]), ScoreSummary.of(scores[150:], labels[150:])]
+    parts = [
+        ScoreSummary.of(scores[:150], labels[:150]),
+        ScoreSummary.of(scores[150:], labels[150:]),
+    ]
     replies = [
-        (Proxy(i), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(p.to_arrays()), p.count, {UNIT_KEY: f"u{i}"}))
+        (
+            Proxy(i),
+            FitRes(
+                Status(Code.OK, ""),
+                ndarrays_to_parameters(p.to_arrays()),
+                p.count,
+                {UNIT_KEY: f"u{i}"},
+            ),
+        )
         for i, p in enumerate(parts)
     ]
     parameters, _ = strategy.aggregate_fit(1, replies, [])
     assert parameters is None  # the global model is not touched by an evaluation exchange
-    assert record.rounds[0].metrics == pytest.approx(ScoreSummary.of(scores, labels).metrics(), rel=1e-12)
+    assert record.rounds[0].metrics == pytest.approx(
+        ScoreSummary.of(scores, labels).metrics(), rel=1e-12
+    )
 
 
 def test_a_failed_unit_fails_the_run_with_its_message(tmp_path: Path) -> None:
     strategy = FederatedRounds(FedAvg(), _record(tmp_path))
-    failure = Exception("Error(code=2, reason='... Message: silo.csv: column age, row 3: not a number\\n')")
-    with pytest.raises(RunFailed, match=r"1 BU\(s\) failed: silo.csv: column age, row 3: not a number"):
+    failure = Exception(
+        "Error(code=2, reason='... Message: silo.csv: column age, row 3: not a number\\n')"
+    )
+    with pytest.raises(
+        RunFailed, match=r"1 BU\(s\) failed: silo.csv: column age, row 3: not a number"
+    ):
         strategy.aggregate_fit(1, [_train_reply(1, [np.ones(2)], _report("a", 5))], [failure])
 
 
 def test_refusals_are_kept_apart_and_all_refusing_is_exit_code_3(tmp_path: Path) -> None:
     record = _record(tmp_path)
     strategy = FederatedRounds(FedAvg(), record)
-    refusal = (Proxy(2), FitRes(Status(Code.OK, ""), Parameters([], ""), 0, Refusal(unit="b", reason="no consent").to_metrics()))
-    parameters, _ = strategy.aggregate_fit(1, [_train_reply(1, [np.ones(2)], _report("a", 5)), refusal], [])
+    refusal = (
+        Proxy(2),
+        FitRes(
+            Status(Code.OK, ""),
+            Parameters([], ""),
+            0,
+            Refusal(unit="b", reason="no consent").to_metrics(),
+        ),
+    )
+    parameters, _ = strategy.aggregate_fit(
+        1, [_train_reply(1, [np.ones(2)], _report("a", 5)), refusal], []
+    )
     np.testing.assert_array_equal(parameters_to_ndarrays(parameters)[0], np.ones(2))
     assert record.refused == {"b": "no consent"}
     with pytest.raises(RefusedByUnit) as raised:
@@ -160,7 +201,11 @@ def test_every_train_message_carries_the_typed_instruction(tmp_path: Path) -> No
     assert len(pairs) == 2
     for _, ins in pairs:
         instruction = Instruction.from_config(ins.config)
-        assert (instruction.phase, instruction.server_round, instruction.run_id) == (Phase.TRAIN, 3, "r1")
+        assert (instruction.phase, instruction.server_round, instruction.run_id) == (
+            Phase.TRAIN,
+            3,
+            "r1",
+        )
         assert instruction.job == record.plan.job and instruction.seed == 0
 
 
@@ -170,12 +215,26 @@ def test_report_from_a_record_holds_the_contract_and_renders(tmp_path: Path) -> 
     strategy.aggregate_fit(1, [_train_reply(1, [np.ones(2)], _report("a", 5, 0.5))], [])
     strategy.phase = Phase.EVALUATE
     summary = ScoreSummary.of(np.array([0.2, 0.8, 0.6]), np.array([0, 1, 0]))
-    strategy.aggregate_fit(1, [(Proxy(1), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(summary.to_arrays()), 3, {UNIT_KEY: "a"}))], [])
+    strategy.aggregate_fit(
+        1,
+        [
+            (
+                Proxy(1),
+                FitRes(
+                    Status(Code.OK, ""),
+                    ndarrays_to_parameters(summary.to_arrays()),
+                    3,
+                    {UNIT_KEY: "a"},
+                ),
+            )
+        ],
+        [],
+    )
     report = build_report(record)
     assert_report_contract(report)
     assert report["model"]["metrics"]["auc"] == 1.0
     assert report["privacy"]["per_unit"][0]["epsilon"] == 0.5
     html = render_html(report)
     assert html.count("<svg") == 2  # AUC and epsilon charts, inline
-    for external in ("<script", "<link", 'src="http', "href=\"http", "url(http"):
+    for external in ("<script", "<link", 'src="http', 'href="http', "url(http"):
         assert external not in html  # self-contained: nothing is fetched when it is opened
