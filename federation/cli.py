@@ -7,6 +7,7 @@ Heavy modules (torch, Flower, Ray) are imported inside the commands so that `sil
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +30,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Create and inspect silo data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console(stderr=False)
+# A pipe or a CI log has no width; 120 columns keep the summary table readable there.
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 120)
 errors = Console(stderr=True)
 
 
@@ -172,6 +174,10 @@ def data_synth(
 
 def main() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower telemetry is off unless turned on
+    # Flower writes state (even with telemetry off) under FLWR_HOME, ~/.flwr by default; keep it in
+    # silofed's own home so that nothing lands elsewhere.
+    silofed_home = Path(os.environ.get("SILOFED_HOME", Path.home() / ".silofed"))
+    os.environ.setdefault("FLWR_HOME", str(silofed_home / "flwr"))
     try:
         app(standalone_mode=False)
     except SilofedError as err:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from simulations.synthetic import synthesize
 
@@ -75,21 +76,41 @@ def test_units_that_disagree_with_data_is_a_usage_error(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["silos"]
 
 
-def test_a_malformed_silo_is_named_and_leaves_no_run_directory(tmp_path: Path) -> None:
+def _wrong_type(path: Path) -> None:
+    frame = pd.read_csv(path, dtype=str)
+    frame.loc[4, "age"] = "forty"
+    frame.to_csv(path, index=False)
+
+
+def _missing_column(path: Path) -> None:
+    pd.read_csv(path, dtype=str).drop(columns=["region"]).to_csv(path, index=False)
+
+
+def _empty_file(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "expected"),
+    [
+        (_wrong_type, ["column 'age', row 5", "'forty'", "not an integer"]),
+        (_missing_column, ["missing column(s) ['region']"]),
+        (_empty_file, ["the file is empty"]),
+    ],
+    ids=["wrong-type", "missing-column", "empty-file"],
+)
+def test_a_malformed_silo_is_named_and_leaves_no_run_directory(
+    tmp_path: Path, corrupt, expected: list[str]
+) -> None:
     silos = tmp_path / "silos"
     synthesize(silos, units=2, customers=60, seed=1, file_format="csv")
-    customers = silos / "ecommerce" / "customers.csv"
-    frame = pd.read_csv(customers, dtype=str)
-    frame.loc[4, "age"] = "forty"
-    frame.to_csv(customers, index=False)
+    corrupt(silos / "ecommerce" / "customers.csv")
     done = silofed("simulate", "--data", "silos", "--out", "runs/bad", cwd=tmp_path)
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stderr
     message = " ".join(done.stderr.split())
-    assert (
-        "silos/ecommerce/customers.csv" in message
-        and "column 'age', row 5" in message
-        and "'forty'" in message
-    )
+    assert "silos/ecommerce/customers.csv" in message
+    for phrase in expected:
+        assert phrase in message
     assert list((tmp_path / "runs").iterdir()) == []  # neither the run nor a staging directory
 
 
