@@ -47,7 +47,8 @@ def read_table(path: Path) -> pd.DataFrame:
         if path.suffix == ".parquet":
             frame = pd.read_parquet(path)
         elif path.suffix == ".csv":
-            frame = pd.read_csv(path, dtype=str, keep_default_na=True)
+            # only an empty field is missing: "NA" or "None" may be real values (a region code)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
         else:
             raise SiloError(f"{path}: unsupported file type '{path.suffix}'; use .parquet or .csv.")
     except SiloError:
@@ -81,7 +82,7 @@ def coerce_column(path: Path, frame: pd.DataFrame, name: str, spec: ColumnSpec) 
             bad |= present & values.notna() & (values != np.round(values))
         problem = f"not {'an integer' if spec.type is ColumnType.INTEGER else 'a number'}"
     elif spec.type in (ColumnType.DATE, ColumnType.DATETIME):
-        values = pd.to_datetime(raw.where(present), errors="coerce")
+        values = pd.to_datetime(raw.where(present), errors="coerce", format="ISO8601")
         bad = present & values.isna()
         problem = "not a date (use ISO 8601, e.g. 2024-05-31)"
     elif spec.type is ColumnType.BOOLEAN:

@@ -51,7 +51,10 @@ def calibrate_noise_multiplier(
 ) -> float:
     """The noise multiplier whose `steps` steps at `sample_rate`, composed after `spent`, reach an
     epsilon in [(1 - relative_tolerance) x target, target] at `delta`. Never above the target."""
-    if target_epsilon <= 0 or not 0 < delta < 1 or steps <= 0 or not 0 < sample_rate <= 1:
+    if (
+        not (math.isfinite(target_epsilon) and target_epsilon > 0 and 0 < delta < 1 and steps > 0)
+        or not 0 < sample_rate <= 1
+    ):
         raise ConfigurationError(
             f"cannot calibrate noise for epsilon={target_epsilon}, delta={delta}, "
             f"sample_rate={sample_rate}, steps={steps}: all must be positive (delta and the "
@@ -66,8 +69,9 @@ def calibrate_noise_multiplier(
         low, high = high, high * 2
         if high > 1e6:
             raise ConfigurationError(
-                f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta} "
-                f"with {steps} steps at sample rate {sample_rate}; raise epsilon or plan fewer steps."
+                f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta} with {steps} "
+                f"steps at sample rate {sample_rate}: the RDP accountant cannot certify an epsilon "
+                "this small at this delta; raise epsilon or delta."
             )
     for _ in range(200):
         if epsilon(high) >= (1 - relative_tolerance) * target_epsilon:

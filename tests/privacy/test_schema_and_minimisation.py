@@ -208,9 +208,9 @@ def test_special_categories_never_leave_for_any_purpose(schema: SiloSchema, purp
     for frame in result.tables.values():
         assert not set(SPECIAL) & set(frame.columns)
     assert not {f"customers.{name}" for name in SPECIAL} & set(result.used)
-    assert {ColumnDrop(f"customers.{name}", DropReason.SPECIAL_CATEGORY) for name in SPECIAL} <= set(
-        result.dropped
-    )
+    assert {
+        ColumnDrop(f"customers.{name}", DropReason.SPECIAL_CATEGORY) for name in SPECIAL
+    } <= set(result.dropped)
 
 
 @pytest.mark.parametrize("purpose", sorted(unit_schema("retail_stores").purposes))
