@@ -1,8 +1,10 @@
 """The Flower ClientApp of a business unit.
 
-Flower's legacy `NumPyClient` (the only client kind Flower 1.41's SecAgg+ works with): every round is
-a `fit` call whose instruction says whether to train or to evaluate. The BU re-reads and re-filters its
-silo every round (consent is evaluated as of the job's start), calibrates its own noise from the
+Flower's legacy `NumPyClient` (the only client kind Flower 1.41's SecAgg+ works with): every round
+is a `fit` call whose instruction says whether to train or to evaluate. The BU re-reads its
+`bu.toml` and its silo every round and re-applies consent (as of the job's start, with revocations
+since then taking effect at once), records which customers the run used (lineage, as HMAC digests
+in its home), calibrates its own noise from the
 public plan, and keeps its accountant history in the node's state so that the epsilon it reports is
 cumulative over the run.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.client import ClientApp, NumPyClient
 
-from clients.pipeline import PreparedUnit, prepare_unit
+from clients.pipeline import PreparedUnit, UnitKeys, prepare_unit
 from clients.silo import load_silo
 from clients.training import entropy_generator, local_plan, train_dp_sgd
 from federation.evaluation import ScoreSummary
@@ -26,15 +29,19 @@ from federation.models import build_model, predict_proba, set_parameters
 from federation.wire import UNIT_KEY, DroppedColumn, Instruction, Phase, Refusal, UnitReport
 from privacy.accounting import DpSgdEvent, calibrate_noise_multiplier, dp_sgd_epsilon
 from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed
+from privacy.home import UnitHome
+from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 
 STATE_KEY = "silofed.dp_sgd"
 
 
 @dataclass(frozen=True)
 class Node:
-    """Where this node's silo is, and whether it is a simulated BU (seeds allowed) or a real one."""
+    """This node's BU configuration, its home (None: the one `bu.toml` names), and whether it is a
+    simulated BU (seeds allowed) or a real one."""
 
-    silo: Path
+    bu_config: Path
+    home: Path | None
     simulated: bool
 
 
@@ -85,14 +92,36 @@ class BusinessUnitClient(NumPyClient):
                 "production draws its noise from the operating system's entropy"
             )
         job = instruction.job
-        silo = load_silo(self.node.silo)
+        config = UnitConfig.load(self.node.bu_config)
+        home = UnitHome.of(config, self.node.home)
         try:
-            prepared = prepare_unit(silo, job, as_of=job.consent_as_of or instruction.started_at)
+            keyring = home.keyring() if config.source.encrypted else None
+            silo = load_silo(config, keyring=keyring)
+            with home.registry() as registry:
+                prepared = prepare_unit(
+                    silo,
+                    job,
+                    registry=registry,
+                    keys=UnitKeys(home.pseudonym_key(), home.linkage_key()),
+                    as_of=job.consent_as_of or instruction.started_at,
+                    now=datetime.now(UTC),
+                )
+            if len(prepared.train.labels) == 0:
+                raise RefusedByUnit(
+                    f"unit '{config.unit}' has no eligible customer for purpose '{job.purpose}' "
+                    f"(excluded: {prepared.excluded}); it takes no part in this run"
+                )
             if instruction.phase is Phase.EVALUATE:
                 return self._evaluate(prepared, parameters, instruction)
-            return self._train(prepared, parameters, instruction)
+            reply = self._train(prepared, parameters, instruction)
+            with home.lineage() as lineage:
+                used = np.concatenate([prepared.train.customer_ids, prepared.test.customer_ids])
+                lineage.record_digests(
+                    instruction.run_id, used, purpose=job.purpose, now=datetime.now(UTC)
+                )
+            return reply
         except RefusedByUnit as refusal:
-            return [], 0, Refusal(unit=silo.unit, reason=str(refusal)).to_metrics()
+            return [], 0, Refusal(unit=config.unit, reason=str(refusal)).to_metrics()
 
     def _evaluate(self, prepared: PreparedUnit, parameters, instruction: Instruction):
         job = instruction.job
@@ -105,11 +134,6 @@ class BusinessUnitClient(NumPyClient):
     def _train(self, prepared: PreparedUnit, parameters, instruction: Instruction):
         job = instruction.job
         records = len(prepared.train.labels)
-        if records == 0:
-            raise RunFailed(
-                f"unit '{prepared.unit}' has no eligible training customer for purpose "
-                f"'{job.purpose}' (excluded: {prepared.excluded})"
-            )
         plan = local_plan(records, job.training)
         state = DpSgdState(self.context, instruction.run_id)
         noise_multiplier = state.noise_multiplier or calibrate_noise_multiplier(
@@ -144,6 +168,9 @@ class BusinessUnitClient(NumPyClient):
         state.save(noise_multiplier, update.history)
         report = UnitReport(
             unit=prepared.unit,
+            purpose=prepared.purpose,
+            encrypted_at_rest=prepared.encrypted_at_rest,
+            quality=prepared.quality,
             records_used=records,
             records_test=len(prepared.test.labels),
             excluded=prepared.excluded,
@@ -159,36 +186,53 @@ class BusinessUnitClient(NumPyClient):
         return update.parameters, records, report.to_metrics()
 
 
-def simulated_silo(context: Context, silos: Sequence[Path] | None) -> Node:
-    """Simulation: virtual node `partition-id` serves the i-th silo (given, or listed from the
-    run config's `data-dir`). Deployment: the node config names its silo (`silo = "..."`)."""
-    if "silo" in context.node_config:
-        return Node(silo=Path(str(context.node_config["silo"])), simulated=False)
+def resolve_node(context: Context, nodes: Sequence[Node] | None) -> Node:
+    """Deployment: the node config names the BU's `bu-config` (and optionally `home`). Simulation:
+    virtual node `partition-id` serves the i-th BU, given by the simulation runner or listed from
+    the run config's `data-dir` (homes under `homes-dir`, prepared on first use)."""
+    if "bu-config" in context.node_config:
+        home = context.node_config.get("home")
+        return Node(
+            Path(str(context.node_config["bu-config"])), Path(str(home)) if home else None, False
+        )
     if "partition-id" not in context.node_config:
         raise ConfigurationError(
-            "this node has neither a 'silo' entry in its node config nor a simulation partition; "
-            "start it with `silofed deploy node` or through `silofed simulate`"
+            "this node has neither a 'bu-config' entry in its node config nor a simulation "
+            "partition; start it with `silofed deploy node` or through `silofed simulate`"
         )
     index = int(context.node_config["partition-id"])
-    if silos is None:
-        data_dir = str(context.run_config.get("data-dir", ""))
-        if not data_dir:
-            raise ConfigurationError(
-                "run config 'data-dir' is empty: pass --run-config \"data-dir='SILOS'\" to flwr run"
-            )
-        silos = sorted(p.parent for p in Path(data_dir).glob("*/schema.json"))
-    if index >= len(silos):
-        raise ConfigurationError(f"simulation node {index} has no silo (only {len(silos)} found)")
-    return Node(silo=Path(silos[index]), simulated=True)
+    if nodes is None:
+        nodes = _nodes_from_run_config(context)
+    if index >= len(nodes):
+        raise ConfigurationError(f"simulation node {index} has no BU (only {len(nodes)} found)")
+    return nodes[index]
 
 
-def make_client_app(silos: Sequence[Path] | None = None) -> ClientApp:
-    """The ClientApp; `silos` lists the simulated BUs' directories (in node order) when the
-    simulation runner knows them, otherwise they are resolved from the node or run config."""
+def _nodes_from_run_config(context: Context) -> list[Node]:
+    from clients.steward import prepare_simulated_home
+
+    data_dir = str(context.run_config.get("data-dir", ""))
+    if not data_dir:
+        raise ConfigurationError(
+            "run config 'data-dir' is empty: pass --run-config \"data-dir='SILOS'\" to flwr run"
+        )
+    homes_dir = Path(str(context.run_config.get("homes-dir", "")) or Path(data_dir) / ".homes")
+    nodes = []
+    for bu_config in sorted(Path(data_dir).glob(f"*/{UNIT_CONFIG_FILE}")):
+        config = UnitConfig.load(bu_config)
+        home = homes_dir / config.unit
+        prepare_simulated_home(config, home)
+        nodes.append(Node(bu_config, home, True))
+    return nodes
+
+
+def make_client_app(nodes: Sequence[Node] | None = None) -> ClientApp:
+    """The ClientApp; `nodes` lists the simulated BUs (in node order) when the simulation runner
+    knows them, otherwise each node is resolved from the node or run config."""
 
     def client_fn(context: Context):
         torch.set_num_threads(1)  # one core per virtual node; 2-core machines thrash otherwise
-        return BusinessUnitClient(simulated_silo(context, silos), context).to_client()
+        return BusinessUnitClient(resolve_node(context, nodes), context).to_client()
 
     return ClientApp(client_fn=client_fn)
 

@@ -1,7 +1,10 @@
 """The client pipeline of one BU, in the fixed order of DESIGN.md:
 
-silo (validated) -> consent filter (purpose, as of the job's start) -> minimisation (the purpose's
-column allow-list; special categories always out) -> features (public scaling) -> train/test split
+silo (read, checked by the quality rules) -> consent filter (the registry, for the job's purpose, as
+of the job's start; revocations since then apply from the next round; minors need a guardian's
+consent; erased customers never count) -> minimisation (the purpose's column allow-list; special
+categories always out; quasi-identifiers generalised where the purpose says) -> pseudonymisation
+(identifiers replaced by an HMAC under the BU's key) -> features (public scaling) -> train/test split
 (keyed hash of the customer id, never the label).
 
 The result holds only what the job may use, and the facts the BU reports about it.
@@ -20,19 +23,34 @@ from clients.features import FeatureMatrix, compute_features
 from clients.silo import Silo
 from federation.features import Categorical, ChannelMix, FeatureSpec
 from federation.job import Job
-from privacy.consent import consented_customers
+from privacy.consent import Exclusion
 from privacy.errors import ConfigurationError, PolicyViolation
 from privacy.minimisation import ColumnDrop, minimise
+from privacy.pseudonyms import generalise, pseudonymise_tables
+from privacy.registry import ConsentRegistry
+from privacy.schema import ColumnRole
+
+
+@dataclass(frozen=True)
+class UnitKeys:
+    """The BU's keys the pipeline needs: its own pseudonym key, and a linkage key shared with other
+    BUs only for purposes that declare linkage."""
+
+    pseudonym: bytes
+    linkage: bytes | None = None
 
 
 @dataclass(frozen=True)
 class PreparedUnit:
     unit: str
-    train: FeatureMatrix
+    purpose: str
+    train: FeatureMatrix  # customer ids are pseudonyms
     test: FeatureMatrix
     excluded: dict[str, int]
     columns_used: tuple[str, ...]
     columns_dropped: tuple[ColumnDrop, ...]
+    quality: dict
+    encrypted_at_rest: bool
 
 
 def held_out(customer_ids: np.ndarray, key: str, fraction: float) -> np.ndarray:
@@ -66,42 +84,110 @@ def check_spec_fits_schema(silo: Silo, spec: FeatureSpec) -> None:
                 )
 
 
-def prepare_unit(silo: Silo, job: Job, *, as_of: datetime) -> PreparedUnit:
+MINOR_AGE_COLUMN = "customers.age"
+
+
+def prepare_unit(
+    silo: Silo,
+    job: Job,
+    *,
+    registry: ConsentRegistry,
+    keys: UnitKeys,
+    as_of: datetime,
+    now: datetime | None = None,
+) -> PreparedUnit:
     spec = job.feature_spec
-    schema = silo.schema
-    schema.policy(job.purpose)  # refuses an undeclared purpose before anything else
+    config = silo.config
+    policy = config.policy(job.purpose)  # refuses an undeclared purpose before anything else
     check_spec_fits_schema(silo, spec)
 
     customers = silo.tables["customers"]
-    key = schema.tables["customers"].key
-    decision = consented_customers(customers[key], silo.consent, job.purpose, as_of, unit=silo.unit)
+    key = config.tables["customers"].key
+    table, _, age_column = MINOR_AGE_COLUMN.partition(".")
+    ages = (
+        customers.set_index(key)[age_column] if age_column in config.tables[table].columns else None
+    )
+    decision = registry.decision(
+        customers[key],
+        job.purpose,
+        as_of=as_of,
+        now=now,
+        ages=ages,
+        minor_age=config.minors.age,
+        tombstone_key=keys.pseudonym,
+    )
     consented = {
-        name: frame[frame[schema.tables[name].key].isin(decision.consented)]
+        name: frame[frame[config.tables[name].key].isin(decision.consented)]
         for name, frame in silo.tables.items()
     }
 
-    minimised = minimise(consented, schema, job.purpose)
+    minimised = minimise(consented, config, job.purpose)
     tables_read = dict.fromkeys(c.partition(".")[0] for c in spec.columns)
-    needed = [*spec.columns, *(f"{t}.{schema.tables[t].key}" for t in tables_read)]
+    needed = [*spec.columns, *(f"{t}.{config.tables[t].key}" for t in tables_read)]
     missing = [c for c in needed if c not in minimised.used]
     if missing:
         raise PolicyViolation(
             f"unit '{silo.unit}': the job's features need {missing}, which purpose "
             f"'{job.purpose}' does not allow; the BU's steward decides whether to allow them."
         )
+    generalised = dict(minimised.tables)
+    for qualified, rule in policy.generalise.items():
+        name, _, column = qualified.partition(".")
+        if name in generalised and column in generalised[name]:
+            generalised[name] = generalised[name].assign(
+                **{column: generalise(generalised[name][column], rule)}
+            )
 
-    matrix = compute_features(minimised.tables, spec, customer_key=key)
+    # The split is fixed on the customer ids before they are replaced: a keyed hash of the id,
+    # stable across runs and independent of every attribute.
     test = held_out(
-        matrix.customer_ids, job.evaluation.holdout_key, job.evaluation.holdout_fraction
+        generalised["customers"][key].to_numpy(),
+        job.evaluation.holdout_key,
+        job.evaluation.holdout_fraction,
     )
+    linkage_columns = frozenset(
+        c
+        for c in policy.allowed
+        if policy.linkage
+        and config.column(c).role is ColumnRole.IDENTIFIER
+        and c.partition(".")[2] != config.tables[c.partition(".")[0]].key
+    )
+    pseudonymised = pseudonymise_tables(
+        generalised,
+        config,
+        keys.pseudonym,
+        linkage_key=keys.linkage,
+        linkage_columns=linkage_columns,
+    )
+    matrix = compute_features(pseudonymised, spec, customer_key=key)
+    excluded = {**decision.excluded, Exclusion.QUALITY: len(silo.quality_excluded)}
     return PreparedUnit(
         unit=silo.unit,
+        purpose=job.purpose,
         train=_rows(matrix, ~test),
         test=_rows(matrix, test),
-        excluded=decision.excluded,
+        excluded=excluded,
         columns_used=minimised.used,
         columns_dropped=minimised.dropped,
+        quality=_quality_of_used_columns(silo.quality, minimised.used),
+        encrypted_at_rest=silo.encrypted,
     )
+
+
+def _quality_of_used_columns(summary: dict, used: tuple[str, ...]) -> dict:
+    """The quality counts of the columns the job used only: the completeness of a column the
+    purpose may not see (a special category above all) says something about it, and stays home."""
+    allowed = set(used)
+    return {
+        **summary,
+        "tables": {
+            table: {
+                **stats,
+                "columns": {c: v for c, v in stats["columns"].items() if f"{table}.{c}" in allowed},
+            }
+            for table, stats in summary["tables"].items()
+        },
+    }
 
 
 def _rows(matrix: FeatureMatrix, mask: np.ndarray) -> FeatureMatrix:

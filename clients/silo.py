@@ -1,58 +1,78 @@
-"""A BU's silo on disk: its declared schema, its tables and its consent events.
+"""A BU's silo: its tables, read from the source its `bu.toml` declares, checked and typed.
 
-Loading validates every declared column (presence, type, domain, bounds, nulls) and fails with an
-error naming the file, the column and the first offending row, before any computation starts.
-Columns present in a file but not declared are kept here so that minimisation can drop and report
-them; nothing downstream receives them.
+Files are CSV or Parquet, each optionally AES-GCM encrypted (`<file>.enc`, read through the BU's key
+ring; the plaintext never touches the disk). Every declared column is checked by the BU's data-quality
+rules (`privacy.quality`): with `on_invalid = "error"` the first invalid value stops the run with an
+error naming the file, the column and the row; with `"exclude"` every row of a customer with an
+invalid value is left out and counted. Columns present but not declared are kept here so that
+minimisation can drop and report them; nothing downstream receives them.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from privacy.consent import CONSENT_COLUMNS
-from privacy.errors import SiloError
-from privacy.schema import SCHEMA_FILE, ColumnSpec, ColumnType, SiloSchema
+from privacy.encryption import ENCRYPTED_SUFFIX, KeyRing, read_encrypted
+from privacy.errors import ConfigurationError, SiloError
+from privacy.quality import assess, exclude_invalid
+from privacy.schema import ColumnSpec, ColumnType
+from privacy.unit_config import UnitConfig
 
-CONSENT_FILE_STEM = "consent"
+SILO_PURPOSE = "silo"  # the purpose bound into encrypted silo files' associated data
 _TRUE = {"true", "1", "yes", "y", "t"}
-_FALSE = {"false", "0", "no", "n", "f"}
 
 
 @dataclass(frozen=True)
 class Silo:
-    directory: Path
-    schema: SiloSchema
+    config: UnitConfig
     tables: dict[str, pd.DataFrame]
-    consent: pd.DataFrame
+    quality: dict  # counts only, for the report
+    quality_excluded: frozenset[str]  # customers left out by the quality rules
+    encrypted: bool
 
     @property
     def unit(self) -> str:
-        return self.schema.unit
+        return self.config.unit
+
+    @property
+    def schema(self) -> UnitConfig:
+        return self.config
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV or Parquet file; an unreadable or empty file is a SiloError naming it."""
+def read_table(path: Path, *, keyring: KeyRing | None = None, unit: str = "") -> pd.DataFrame:
+    """Read a CSV or Parquet file, or its encrypted form `<file>.enc`; an unreadable or empty file
+    is a SiloError naming it."""
     if not path.exists():
         raise SiloError(
             f"{path}: file not found; the schema declares it. Restore it or fix the schema."
         )
     if path.stat().st_size == 0:
         raise SiloError(f"{path}: the file is empty; a silo table needs a header and rows.")
+    encrypted = path.suffix == ENCRYPTED_SUFFIX
+    kind = Path(path.stem).suffix if encrypted else path.suffix
+    if kind not in (".parquet", ".csv"):
+        raise SiloError(f"{path}: unsupported file type '{kind}'; use .parquet or .csv.")
+    if encrypted:
+        if keyring is None:
+            raise ConfigurationError(
+                f"{path} is encrypted but no key ring was given; the BU's key ring lives in its "
+                "home (keys/kek) or in the environment variable named by [keys] encryption_env"
+            )
+        source: Path | io.BytesIO = io.BytesIO(
+            read_encrypted(path, keyring=keyring, unit=unit, purpose=SILO_PURPOSE)
+        )
+    else:
+        source = path
     try:
-        if path.suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        elif path.suffix == ".csv":
-            # only an empty field is missing: "NA" or "None" may be real values (a region code)
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        if kind == ".parquet":
+            frame = pd.read_parquet(source)
         else:
-            raise SiloError(f"{path}: unsupported file type '{path.suffix}'; use .parquet or .csv.")
-    except SiloError:
-        raise
+            # only an empty field is missing: "NA" or "None" may be real values (a region code)
+            frame = pd.read_csv(source, dtype=str, keep_default_na=False, na_values=[""])
     except Exception as err:  # the readers raise many types; name the file and the reader's words
         raise SiloError(f"{path}: cannot read the file ({type(err).__name__}: {err}).") from None
     if frame.empty:
@@ -60,127 +80,65 @@ def read_table(path: Path) -> pd.DataFrame:
     return frame
 
 
-def _bad_row(
-    path: Path, column: str, frame: pd.DataFrame, mask: pd.Series, problem: str
-) -> SiloError:
-    position = int(np.flatnonzero(mask.to_numpy())[0])
-    value = frame[column].iloc[position]
-    return SiloError(
-        f"{path}: column '{column}', row {position + 1}: {problem} (value {value!r}); "
-        f"{int(mask.sum())} row(s) affected. Fix the data or the schema's declaration."
-    )
-
-
-def coerce_column(path: Path, frame: pd.DataFrame, name: str, spec: ColumnSpec) -> pd.Series:
-    """The column converted to its declared type, or a SiloError naming the first bad row."""
-    raw = frame[name]
+def typed(raw: pd.Series, spec: ColumnSpec) -> pd.Series:
+    """The column converted to its declared type. Values were checked by `privacy.quality.assess`
+    before; this only converts."""
     present = raw.notna() & (raw.astype(str).str.strip() != "")
     if spec.type in (ColumnType.INTEGER, ColumnType.FLOAT):
-        values = pd.to_numeric(raw.where(present), errors="coerce")
-        bad = present & values.isna()
-        if spec.type is ColumnType.INTEGER:
-            bad |= present & values.notna() & (values != np.round(values))
-        problem = f"not {'an integer' if spec.type is ColumnType.INTEGER else 'a number'}"
-    elif spec.type in (ColumnType.DATE, ColumnType.DATETIME):
-        values = pd.to_datetime(raw.where(present), errors="coerce", format="ISO8601")
-        bad = present & values.isna()
-        problem = "not a date (use ISO 8601, e.g. 2024-05-31)"
-    elif spec.type is ColumnType.BOOLEAN:
+        return pd.to_numeric(raw.where(present), errors="coerce")
+    if spec.type in (ColumnType.DATE, ColumnType.DATETIME):
+        return pd.to_datetime(raw.where(present), errors="coerce", format="ISO8601")
+    if spec.type is ColumnType.BOOLEAN:
         if raw.dtype == bool:
-            values = raw
-            bad = pd.Series(False, index=raw.index)
-        else:
-            text = raw.astype(str).str.strip().str.lower()
-            values = text.map(lambda v: True if v in _TRUE else (False if v in _FALSE else None))
-            bad = present & values.isna()
-        problem = "not a boolean (true/false)"
-    elif spec.type is ColumnType.CATEGORY:
-        values = raw.where(present).astype("string")
-        bad = present & ~values.isin(list(spec.domain or ()))
-        problem = f"not in the declared domain {list(spec.domain or ())}"
-    else:
-        values = raw.where(present).astype("string")
-        bad = pd.Series(False, index=raw.index)
-        problem = ""
-    if bad.any():
-        raise _bad_row(path, name, frame, bad, problem)
-    if not spec.nullable and not present.all():
-        raise _bad_row(
-            path, name, frame, ~present, "missing value in a column not declared nullable"
-        )
-    if spec.lower is not None:
-        lower, upper = (
-            (pd.Timestamp(spec.lower), pd.Timestamp(spec.upper))
-            if spec.type
-            in (
-                ColumnType.DATE,
-                ColumnType.DATETIME,
-            )
-            else (spec.lower, spec.upper)
-        )
-        outside = present & ((values < lower) | (values > upper))
-        if outside.any():
-            raise _bad_row(
-                path,
-                name,
-                frame,
-                outside,
-                f"outside the declared bounds [{spec.lower}, {spec.upper}]",
-            )
-    return values
+            return raw
+        return raw.astype(str).str.strip().str.lower().isin(_TRUE).where(present)
+    return raw.where(present).astype("string")
 
 
-def _validated(path: Path, frame: pd.DataFrame, columns: dict[str, ColumnSpec]) -> pd.DataFrame:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
+def table_file(config: UnitConfig, table: str) -> Path:
+    """The path a table is read from: its declared file, or `<file>.enc` in an encrypted silo."""
+    plain = config.source.directory / config.tables[table].file
+    encrypted = plain.with_name(plain.name + ENCRYPTED_SUFFIX)
+    if config.source.encrypted:
+        if plain.exists():
+            raise SiloError(
+                f"{plain}: the silo is declared encrypted but this file is in plaintext; encrypt "
+                "it (`silofed keys encrypt`) or set [source] encrypted = false"
+            )
+        return encrypted
+    if encrypted.exists() and not plain.exists():
         raise SiloError(
-            f"{path}: missing column(s) {missing} declared in the schema; add them to the file "
-            "or remove them from the schema."
+            f"{encrypted}: the file is encrypted but the BU's [source] says encrypted = false; "
+            "set it to true"
         )
-    out = frame.copy()
-    for name, spec in columns.items():
-        out[name] = coerce_column(path, frame, name, spec)
-    return out
+    return plain
 
 
-CONSENT_SPEC = {
-    "customer_id": ColumnSpec(type=ColumnType.STRING, role="identifier"),
-    "purpose": ColumnSpec(type=ColumnType.STRING),
-    "granted": ColumnSpec(type=ColumnType.BOOLEAN),
-    "timestamp": ColumnSpec(type=ColumnType.DATETIME),
-}
-assert tuple(CONSENT_SPEC) == CONSENT_COLUMNS
-
-
-def consent_path(directory: Path) -> Path | None:
-    for suffix in (".parquet", ".csv"):
-        if (candidate := directory / f"{CONSENT_FILE_STEM}{suffix}").exists():
-            return candidate
-    return None
-
-
-def load_silo(directory: Path) -> Silo:
-    """Load and validate a silo directory: `schema.json`, one file per declared table, and the
-    consent events (`consent.parquet` or `consent.csv`)."""
-    directory = Path(directory)
+def load_silo(config: UnitConfig, *, keyring: KeyRing | None = None) -> Silo:
+    """Read, check and type every declared table of the BU's silo."""
+    directory = config.source.directory
     if not directory.is_dir():
-        raise SiloError(f"{directory}: not a silo directory (it does not exist).")
-    schema = SiloSchema.load(directory / SCHEMA_FILE)
-    tables = {
-        name: _validated(
-            directory / spec.file, read_table(directory / spec.file), dict(spec.columns)
-        )
-        for name, spec in schema.tables.items()
-    }
-    for name, spec in schema.tables.items():
-        ids = tables[name][spec.key].astype(str)
-        tables[name][spec.key] = ids
-    path = consent_path(directory)
-    if path is None:
         raise SiloError(
-            f"{directory}: no consent table (consent.parquet or consent.csv); a BU without consent "
-            "records cannot take part. Export its consent events there."
+            f"{directory}: the BU's silo directory does not exist; fix [source] directory."
         )
-    consent = _validated(path, read_table(path), CONSENT_SPEC)
-    consent["customer_id"] = consent["customer_id"].astype(str)
-    return Silo(directory=directory, schema=schema, tables=tables, consent=consent)
+    raw = {
+        name: read_table(table_file(config, name), keyring=keyring, unit=config.unit)
+        for name in config.tables
+    }
+    report = assess(raw, config, config.quality, directory=directory)
+    excluding = config.quality.on_invalid == "exclude"
+    kept = exclude_invalid(raw, config, report) if excluding else raw
+    tables = {}
+    for name, spec in config.tables.items():
+        frame = kept[name].copy()
+        for column, column_spec in spec.columns.items():
+            frame[column] = typed(frame[column], column_spec)
+        frame[spec.key] = frame[spec.key].astype(str)
+        tables[name] = frame
+    return Silo(
+        config=config,
+        tables=tables,
+        quality=report.summary(),
+        quality_excluded=report.invalid_customers if excluding else frozenset(),
+        encrypted=config.source.encrypted,
+    )

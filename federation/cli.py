@@ -54,6 +54,15 @@ def simulate(
     out: Annotated[
         Path | None, typer.Option(help="the run directory (default runs/<run-id>)")
     ] = None,
+    homes: Annotated[
+        Path | None,
+        typer.Option(
+            help="persistent BU homes (consent registry, lineage, keys); default: fresh per run"
+        ),
+    ] = None,
+    encrypt_at_rest: Annotated[
+        bool, typer.Option("--encrypt-at-rest", help="store the generated silos AES-GCM encrypted")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
@@ -72,6 +81,8 @@ def simulate(
         customers=customers,
         data=data,
         seed=seed,
+        homes=homes,
+        encrypt_at_rest=encrypt_at_rest,
         overwrite=overwrite,
         verbose=verbose,
     )
@@ -170,6 +181,101 @@ def data_synth(
     console.print(
         f"AUC ceiling of the true model on the held-out customers: {result.auc_ceiling:.4f}"
     )
+
+
+consent_app = typer.Typer(help="A BU's consent registry.", no_args_is_help=True)
+keys_app = typer.Typer(help="A BU's keys: encryption at rest and rotation.", no_args_is_help=True)
+app.add_typer(consent_app, name="consent")
+app.add_typer(keys_app, name="keys")
+
+BuConfig = Annotated[Path, typer.Option("--bu-config", help="the BU's bu.toml")]
+HomeOption = Annotated[
+    Path | None, typer.Option("--home", help="the BU's home (default: `home` in bu.toml)")
+]
+
+
+def _unit(bu_config: Path, home: Path | None):
+    from privacy.home import UnitHome
+    from privacy.unit_config import UnitConfig
+
+    config = UnitConfig.load(bu_config)
+    return config, UnitHome.of(config, home)
+
+
+@consent_app.command("import")
+def consent_import(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="consent events (CSV or Parquet): customer_id, purpose, granted, timestamp[, guardian]"
+        ),
+    ],
+    bu_config: BuConfig,
+    home: HomeOption = None,
+) -> None:
+    """Import consent events into the BU's registry (erased customers are never brought back)."""
+    from clients.steward import import_consent
+
+    _, unit_home = _unit(bu_config, home)
+    result = import_consent(unit_home, file)
+    console.print(
+        f"imported {result.imported} event(s); {result.duplicates} already present; "
+        f"{result.erased} of erased customers skipped"
+    )
+
+
+@keys_app.command("encrypt")
+def keys_encrypt(bu_config: BuConfig, home: HomeOption = None) -> None:
+    """Encrypt the BU's silo files at rest (AES-GCM, a fresh data key per file) and mark it so."""
+    from clients.steward import encrypt_silo
+
+    _, unit_home = _unit(bu_config, home)
+    for path in encrypt_silo(bu_config, unit_home):
+        console.print(f"encrypted {path}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(bu_config: BuConfig, home: HomeOption = None) -> None:
+    """Rotate the BU's key-encryption key: re-wrap every file's data key, destroy the old key."""
+    from clients.steward import rotate_silo_key
+
+    config, unit_home = _unit(bu_config, home)
+    console.print(
+        f"new key {rotate_silo_key(config, unit_home)} is active; the old key is destroyed"
+    )
+
+
+@app.command()
+def erase(
+    customer_id: Annotated[str, typer.Argument(help="the customer's id in the BU's silo")],
+    bu_config: BuConfig,
+    home: HomeOption = None,
+) -> None:
+    """Erase a customer (GDPR Art. 17): from the silo and the consent registry, with a tombstone
+    against re-import; lists the runs whose models were trained with their data."""
+    import json
+    from datetime import UTC, datetime
+
+    from clients.steward import erase_customer
+
+    config, unit_home = _unit(bu_config, home)
+    result = erase_customer(config, unit_home, customer_id, now=datetime.now(UTC))
+    console.print_json(json.dumps(result.__dict__))
+
+
+@app.command()
+def access(
+    customer_id: Annotated[str, typer.Argument(help="the customer's id in the BU's silo")],
+    bu_config: BuConfig,
+    home: HomeOption = None,
+) -> None:
+    """Export, as JSON, everything the BU holds about one customer (GDPR Art. 15)."""
+    import json
+
+    from clients.steward import access_report
+
+    config, unit_home = _unit(bu_config, home)
+    sys.stdout.write(json.dumps(access_report(config, unit_home, customer_id), indent=2) + "\n")
 
 
 def main() -> None:

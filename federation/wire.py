@@ -78,6 +78,9 @@ class UnitReport(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     unit: str
+    purpose: str = ""
+    encrypted_at_rest: bool = False
+    quality: dict = Field(default_factory=dict, description="data-quality counts, never values")
     records_used: int = Field(ge=0)
     records_test: int = Field(ge=0)
     excluded: dict[str, int]

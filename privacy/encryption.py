@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
 import os
 import re
 import secrets
 import stat
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -44,6 +42,7 @@ from pathlib import Path, PurePath
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from privacy.atomic import fsync_directory, write_atomic
 from privacy.errors import ConfigurationError, SilofedError
 
 MAGIC = b"SILOFED-ENC\x01"
@@ -181,8 +180,8 @@ class KeyRing:
             handle.flush()
             os.fsync(handle.fileno())
         # The key must be durable before anything can be wrapped under it.
-        _fsync_directory(directory)
-        _replace_atomically(directory / _ACTIVE_FILE, f"{kid}\n".encode("ascii"))
+        fsync_directory(directory)
+        write_atomic(directory / _ACTIVE_FILE, f"{kid}\n".encode("ascii"))
         self._keys[kid] = key
         self._active = kid
         return kid
@@ -198,7 +197,7 @@ class KeyRing:
         if kid not in self._keys:
             raise ConfigurationError(f"key ring {directory} holds no key {kid!r}")
         (directory / f"kek-{kid}.key").unlink()
-        _fsync_directory(directory)
+        fsync_directory(directory)
         del self._keys[kid]
 
     def __repr__(self) -> str:
@@ -265,7 +264,7 @@ def write_encrypted(
     blob = encrypt_bytes(
         plaintext, keyring=keyring, file_name=bound_file_name(path), unit=unit, purpose=purpose
     )
-    _replace_atomically(path, blob)
+    write_atomic(path, blob)
 
 
 def read_encrypted(path: Path, *, keyring: KeyRing, unit: str, purpose: str) -> bytes:
@@ -296,7 +295,7 @@ def rewrap(path: Path, *, keyring: KeyRing, unit: str, purpose: str) -> None:
     kid = keyring.active_kid
     wrap_nonce, wrapped_key = _wrap(data_key, keyring, kid, file_name, unit, purpose)
     rewrapped = _Envelope(kid, wrap_nonce, wrapped_key, envelope.nonce, envelope.ciphertext)
-    _replace_atomically(path, _serialise(rewrapped))
+    write_atomic(path, _serialise(rewrapped))
 
 
 def rotate_files(keyring: KeyRing, files: Sequence[tuple[Path, str, str]]) -> str:
@@ -472,35 +471,3 @@ def _check_private(path: Path) -> None:
             f"key file {path} is accessible by group or others (mode {mode:04o}); restrict it "
             f"with `chmod 600 {path}` and consider the key exposed if others could read it"
         )
-
-
-def _replace_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and `os.replace`, so
-    a reader sees the old file or the new one, never a mix. An existing file keeps its mode."""
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -47,7 +47,7 @@ def minimise(tables: dict[str, pd.DataFrame], schema: SiloSchema, purpose: str) 
             qualified = f"{table}.{name}"
             if name not in declared:
                 dropped.append(ColumnDrop(qualified, DropReason.UNDECLARED))
-            elif declared[name].is_special:
+            elif declared[name].is_special(schema.jurisdictions):
                 dropped.append(ColumnDrop(qualified, DropReason.SPECIAL_CATEGORY))
             elif qualified not in allowed:
                 dropped.append(ColumnDrop(qualified, DropReason.NOT_ALLOWED))

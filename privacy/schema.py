@@ -12,17 +12,13 @@ undeclared column, or allows a special-category column, is rejected when the sch
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from privacy.errors import ConfigurationError, PolicyViolation
-
-SCHEMA_FILE = "schema.json"
 
 
 class ColumnType(StrEnum):
@@ -33,6 +29,64 @@ class ColumnType(StrEnum):
     CATEGORY = "category"
     DATE = "date"
     DATETIME = "datetime"
+
+
+class Jurisdiction(StrEnum):
+    GDPR = "gdpr"
+    PIPL = "pipl"
+
+
+class Sensitive(StrEnum):
+    """Sensitive categories of personal data. GDPR Art. 9(1) lists the first eight ("special
+    categories"); PIPL Art. 28 adds the rest (and counts health, biometrics, religion too)."""
+
+    RACIAL_OR_ETHNIC_ORIGIN = "racial_or_ethnic_origin"
+    POLITICAL_OPINIONS = "political_opinions"
+    RELIGIOUS_BELIEFS = "religious_beliefs"
+    TRADE_UNION_MEMBERSHIP = "trade_union_membership"
+    GENETIC = "genetic"
+    BIOMETRIC = "biometric"
+    HEALTH = "health"
+    SEX_LIFE_OR_ORIENTATION = "sex_life_or_orientation"
+    FINANCIAL_ACCOUNT = "financial_account"
+    PRECISE_LOCATION = "precise_location"
+    MINORS = "minors"
+    SPECIFIC_IDENTITY = "specific_identity"
+
+
+GDPR_SPECIAL = frozenset(list(Sensitive)[:8])
+PIPL_SENSITIVE = GDPR_SPECIAL | {
+    Sensitive.FINANCIAL_ACCOUNT,
+    Sensitive.PRECISE_LOCATION,
+    Sensitive.MINORS,
+    Sensitive.SPECIFIC_IDENTITY,
+}
+
+# Column-name hints used to propose a tag when a schema is first written; a steward reviews them.
+_SENSITIVE_HINTS: tuple[tuple[str, Sensitive], ...] = (
+    (r"relig|faith|church|mosque", Sensitive.RELIGIOUS_BELIEFS),
+    (r"health|medical|diagnos|disease|condition|disabilit|pregnan", Sensitive.HEALTH),
+    (r"ethnic|race|racial", Sensitive.RACIAL_OR_ETHNIC_ORIGIN),
+    (r"politic|party_member", Sensitive.POLITICAL_OPINIONS),
+    (r"union", Sensitive.TRADE_UNION_MEMBERSHIP),
+    (r"genetic|dna|genom", Sensitive.GENETIC),
+    (r"biometric|fingerprint|face_?id|iris|voiceprint", Sensitive.BIOMETRIC),
+    (r"sexual|orientation|sex_life", Sensitive.SEX_LIFE_OR_ORIENTATION),
+    (r"iban|account_?(no|number)|card_?(no|number)|bank_?account", Sensitive.FINANCIAL_ACCOUNT),
+    (r"gps|latitude|longitude|geo_?loc|precise_loc", Sensitive.PRECISE_LOCATION),
+    (r"national_?id|passport|id_?card", Sensitive.SPECIFIC_IDENTITY),
+)
+
+
+def propose_sensitive(column_name: str) -> Sensitive | None:
+    """A proposed sensitive-category tag for a column, from its name alone."""
+    import re
+
+    lowered = column_name.lower()
+    for pattern, tag in _SENSITIVE_HINTS:
+        if re.search(pattern, lowered):
+            return tag
+    return None
 
 
 class ColumnRole(StrEnum):
@@ -58,6 +112,7 @@ class ColumnSpec(_Frozen):
     lower: float | datetime | None = None
     upper: float | datetime | None = None
     nullable: bool = False
+    sensitive: Sensitive | None = None
     description: str = ""
 
     @model_validator(mode="after")
@@ -83,9 +138,11 @@ class ColumnSpec(_Frozen):
                 raise ValueError("'lower' must be below 'upper'")
         return self
 
-    @property
-    def is_special(self) -> bool:
-        return self.role is ColumnRole.SPECIAL_CATEGORY
+    def is_special(self, jurisdictions: tuple[Jurisdiction, ...] = (Jurisdiction.GDPR,)) -> bool:
+        """Whether no purpose may ever use this column under `jurisdictions`."""
+        if self.role is ColumnRole.SPECIAL_CATEGORY or self.sensitive in GDPR_SPECIAL:
+            return True
+        return Jurisdiction.PIPL in jurisdictions and self.sensitive in PIPL_SENSITIVE
 
 
 class TableSpec(_Frozen):
@@ -106,30 +163,40 @@ class PurposePolicy(_Frozen):
     features: tuple[str, ...] = ()
     label: str | None = None
     join_keys: tuple[str, ...] = ()
+    group_by: tuple[str, ...] = ()
     legal_basis: str = "consent"
+    linkage: bool = Field(
+        False, description="identifier columns are pseudonymised under a key shared across BUs"
+    )
+    generalise: dict[str, str] = Field(
+        default_factory=dict, description="quasi-identifier -> rule (band:N, prefix:N, month, year)"
+    )
 
     @property
     def allowed(self) -> tuple[str, ...]:
         label = (self.label,) if self.label else ()
-        return (*self.join_keys, *self.features, *label)
+        return tuple(dict.fromkeys((*self.join_keys, *self.features, *self.group_by, *label)))
 
 
 class SiloSchema(_Frozen):
     schema_version: Literal[1] = 1
     unit: str = Field(min_length=1, pattern=r"^[a-z][a-z0-9_\-]*$")
+    jurisdictions: tuple[Jurisdiction, ...] = (Jurisdiction.GDPR,)
     tables: dict[str, TableSpec]
     purposes: dict[str, PurposePolicy] = {}
 
     @model_validator(mode="after")
     def _policies_are_allowed(self) -> SiloSchema:
+        if Jurisdiction.GDPR not in self.jurisdictions:
+            raise ValueError("jurisdictions must include 'gdpr' (it always applies)")
         for purpose, policy in self.purposes.items():
-            for qualified in policy.allowed:
+            for qualified in (*policy.allowed, *policy.generalise):
                 column = self.column(qualified, purpose=purpose)
-                if column.is_special:
+                if column.is_special(self.jurisdictions):
                     raise PolicyViolation(
                         f"unit '{self.unit}': purpose '{purpose}' allows '{qualified}', a special "
-                        "category of personal data (GDPR Art. 9); no purpose may use it. Remove it "
-                        f"from purposes.{purpose}."
+                        "category of personal data (GDPR Art. 9; PIPL Art. 28 under 'pipl'); no "
+                        f"purpose may use it. Remove it from purposes.{purpose}."
                     )
         return self
 
@@ -144,6 +211,9 @@ class SiloSchema(_Frozen):
             )
         return self.tables[table].columns[name]
 
+    def is_special(self, qualified: str) -> bool:
+        return self.column(qualified).is_special(self.jurisdictions)
+
     def policy(self, purpose: str) -> PurposePolicy:
         if purpose not in self.purposes:
             declared = ", ".join(sorted(self.purposes)) or "none"
@@ -152,28 +222,6 @@ class SiloSchema(_Frozen):
                 f"add a [purposes.{purpose}] policy to its schema or choose a declared purpose."
             )
         return self.purposes[purpose]
-
-    @classmethod
-    def load(cls, path: Path) -> SiloSchema:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigurationError(
-                f"{path}: no schema file; every silo directory needs a {SCHEMA_FILE} that declares "
-                "its tables (`silofed data synth` writes one as an example)."
-            ) from None
-        try:
-            return cls.model_validate(json.loads(text))
-        except json.JSONDecodeError as err:
-            raise ConfigurationError(f"{path}: not valid JSON ({err}); fix the file.") from None
-        except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-                for e in err.errors()
-            )
-            raise ConfigurationError(f"{path}: invalid schema: {problems}") from None
-        except PolicyViolation as err:
-            raise PolicyViolation(f"{path}: {err}") from None
 
     def dump(self) -> str:
         return self.model_dump_json(indent=2, exclude_defaults=False)

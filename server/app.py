@@ -23,9 +23,10 @@ from flwr.serverapp import Grid, ServerApp
 from federation.features import FeatureSpec, resolve_feature_spec
 from federation.job import Job, Task
 from federation.models import build_model, set_parameters
+from privacy.atomic import write_atomic
 from privacy.errors import ConfigurationError
-from privacy.schema import SCHEMA_FILE, SiloSchema
-from server.artefacts import new_run_id, publish, staging_dir, write_atomic
+from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
+from server.artefacts import new_run_id, publish, staging_dir
 from server.report import build_report, render_html
 from server.run import RunPlan, RunRecord
 from server.strategy import FederatedRounds
@@ -92,7 +93,7 @@ def plan_from_run_config(context: Context) -> RunPlan:
     """`flwr run .`: the plan from `[tool.flwr.app.config]` and `--run-config` overrides."""
     config = context.run_config
     data_dir = Path(str(config.get("data-dir", "")))
-    schemas = [SiloSchema.load(p) for p in sorted(data_dir.glob(f"*/{SCHEMA_FILE}"))]
+    schemas = [UnitConfig.load(p) for p in sorted(data_dir.glob(f"*/{UNIT_CONFIG_FILE}"))]
     if not str(config.get("data-dir", "")) or not schemas:
         raise ConfigurationError(
             f"run config 'data-dir' ({str(data_dir)!r}) holds no silos; pass "

@@ -26,6 +26,7 @@ def build_report(record: RunRecord) -> dict:
     per_unit = [
         {
             "unit": r.unit,
+            "purpose": r.purpose,
             "epsilon": r.epsilon,
             "noise_multiplier": r.noise_multiplier,
             "sample_rate": r.sample_rate,
@@ -35,11 +36,14 @@ def build_report(record: RunRecord) -> dict:
             "excluded": dict(r.excluded),
             "columns_used": list(r.columns_used),
             "columns_dropped": [d.model_dump() for d in r.columns_dropped],
+            "encrypted_at_rest": r.encrypted_at_rest,
+            "pseudonymised": True,
+            "quality": r.quality,
             "refused": False,
         }
         for r in (record.unit_reports[u] for u in record.units)
     ] + [
-        {"unit": unit, "refused": True, "refusal": reason, "epsilon": 0.0}
+        {"unit": unit, "refused": True, "refusal": reason, "epsilon": 0.0, "records_used": 0}
         for unit, reason in sorted(record.refused.items())
     ]
     reports = [record.unit_reports[u] for u in record.units]
@@ -115,6 +119,14 @@ def build_report(record: RunRecord) -> dict:
                         "per-BU counts of held-out customers per score bin and label, and sums of "
                         "log-loss and Brier terms, exact (not DP) in this version"
                     ),
+                },
+                {
+                    "item": "quality",
+                    "description": (
+                        "per BU: rows per table, invalid rows, duplicate ids, invalid customers, and "
+                        "completeness and failure counts of the columns the job used (counts only)"
+                    ),
+                    "values": {r.unit: r.quality for r in reports},
                 },
                 {
                     "item": "schema_metadata",

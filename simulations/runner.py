@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from clients.app import make_client_app
+from clients.app import Node, make_client_app
 from clients.silo import load_silo
+from clients.steward import encrypt_silo, prepare_simulated_home
 from federation.features import resolve_feature_spec
 from federation.job import Job
 from privacy.errors import ConfigurationError, RunFailed
-from privacy.schema import SCHEMA_FILE
+from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.app import make_server_app
 from server.artefacts import check_target, new_run_id, publish, staging_dir
 from server.run import RoundCallback, RunPlan
@@ -38,6 +39,8 @@ class SimulationSettings:
     customers: int = 3000
     data: Path | None = None
     seed: int | None = 0
+    homes: Path | None = None  # persistent BU homes; default: fresh ones in the run's workspace
+    encrypt_at_rest: bool = False
     overwrite: bool = False
     verbose: bool = False
 
@@ -48,14 +51,15 @@ class SimulationResult:
     report: dict
 
 
-def silo_directories(data: Path) -> list[Path]:
-    silos = sorted(p.parent for p in Path(data).glob(f"*/{SCHEMA_FILE}"))
-    if not silos:
+def silo_configs(data: Path) -> list[Path]:
+    """The `bu.toml` of every BU under `data` (one directory per BU)."""
+    configs = sorted(Path(data).glob(f"*/{UNIT_CONFIG_FILE}"))
+    if not configs:
         raise ConfigurationError(
-            f"--data {data}: no silo found (a silo is a directory with a {SCHEMA_FILE}); "
+            f"--data {data}: no BU found (a BU is a directory with a {UNIT_CONFIG_FILE}); "
             "write some with `silofed data synth --out DIR`"
         )
-    return silos
+    return configs
 
 
 def simulate(
@@ -67,12 +71,17 @@ def simulate(
     try:
         workspace = staging / WORKSPACE
         if settings.data is not None:
+            if settings.encrypt_at_rest:
+                raise ConfigurationError(
+                    "--encrypt-at-rest encrypts generated silos; to encrypt your own, run "
+                    "`silofed keys encrypt --bu-config BU.toml` on each, then pass --data"
+                )
             silos_root = Path(settings.data)
-            silos = silo_directories(silos_root)
-            if settings.units is not None and settings.units != len(silos):
+            configs = silo_configs(silos_root)
+            if settings.units is not None and settings.units != len(configs):
                 raise ConfigurationError(
                     f"--units {settings.units} disagrees with --data {silos_root}, which holds "
-                    f"{len(silos)} silos; drop --units or point --data elsewhere"
+                    f"{len(configs)} BUs; drop --units or point --data elsewhere"
                 )
         else:
             silos_root = workspace / "silos"
@@ -82,15 +91,26 @@ def simulate(
                 customers=settings.customers,
                 seed=settings.seed if settings.seed is not None else 0,
             )
-            silos = silo_directories(silos_root)
-        # Check every silo now, with the same loader the BUs use, so that a malformed silo stops
-        # the run before the Simulation Engine starts and names the file, column and row.
-        schemas = [load_silo(s).schema for s in silos]
-        job = job.model_copy(update={"features": resolve_feature_spec(job.task, schemas)})
+            configs = silo_configs(silos_root)
+        homes_root = Path(settings.homes) if settings.homes is not None else workspace / "homes"
+        nodes = []
+        units = []
+        for bu_config in configs:
+            config = UnitConfig.load(bu_config)
+            home = prepare_simulated_home(config, homes_root / config.unit)
+            if settings.encrypt_at_rest:
+                encrypt_silo(bu_config, home)
+                config = UnitConfig.load(bu_config)
+            # Check every silo now, with the loader the BUs use, so that a malformed silo stops
+            # the run before the Simulation Engine starts and names the file, column and row.
+            load_silo(config, keyring=home.keyring() if config.source.encrypted else None)
+            nodes.append(Node(bu_config=bu_config, home=home.directory, simulated=True))
+            units.append(config)
+        job = job.model_copy(update={"features": resolve_feature_spec(job.task, units)})
         plan = RunPlan(
             run_id=new_run_id(),
             job=job,
-            expected_units=len(silos),
+            expected_units=len(nodes),
             mode="simulation",
             out=staging,
             started_at=datetime.now(UTC),
@@ -98,7 +118,7 @@ def simulate(
             auc_ceiling=read_ceiling(silos_root, job.evaluation),
             on_round=on_round,
         )
-        _run_engine(plan, silos, verbose=settings.verbose)
+        _run_engine(plan, nodes, verbose=settings.verbose)
         report_path = staging / "report.json"
         if not report_path.exists():
             raise RunFailed("the simulation ended without a report; see the Flower log above")
@@ -114,18 +134,18 @@ def simulate(
         raise
 
 
-def _run_engine(plan: RunPlan, silos: list[Path], *, verbose: bool) -> None:
+def _run_engine(plan: RunPlan, nodes: list[Node], *, verbose: bool) -> None:
     from flwr.simulation import run_simulation
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
-    cores = max(1, min(len(silos), os.cpu_count() or 1))
+    cores = max(1, min(len(nodes), os.cpu_count() or 1))
     try:
         run_simulation(
             server_app=make_server_app(lambda _context: plan),
-            client_app=make_client_app(silos),
-            num_supernodes=len(silos),
+            client_app=make_client_app(nodes),
+            num_supernodes=len(nodes),
             backend_config={
                 # one core and one torch thread per virtual BU: more thrashes a 2-core machine
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -9,7 +9,8 @@ ground truth is known, the generator reports the Bayes ceiling: the true model's
 test customers.
 
 Layout written under OUT/: `manifest.json`, `ground_truth.parquet` (simulation only, never read by a
-BU), and one directory per BU with `schema.json`, `customers.*`, `transactions.*`, `consent.*`.
+BU), and one directory per BU with its `bu.toml`, `customers.*`, `transactions.*`, and `consent.*` (an
+export of the BU's consent events, imported into the BU's consent registry before a run).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from federation.evaluation import exact_auc
 from federation.features import churn_features
 from federation.job import Evaluation
 from privacy.errors import ConfigurationError
-from privacy.schema import ColumnRole, ColumnSpec, ColumnType, PurposePolicy, SiloSchema, TableSpec
+from privacy.schema import ColumnRole, ColumnSpec, ColumnType, PurposePolicy, Sensitive, TableSpec
+from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 
 MANIFEST = "manifest.json"
 GROUND_TRUTH = "ground_truth.parquet"
@@ -92,7 +94,7 @@ def unit_names(units: int) -> list[str]:
     ]
 
 
-def unit_schema(unit: str, file_format: str = "parquet") -> SiloSchema:
+def unit_schema(unit: str, file_format: str = "parquet") -> UnitConfig:
     """The declared schema of a synthetic BU: types, roles, domains and bounds, and its purposes."""
 
     def col(type_: ColumnType, role: ColumnRole = ColumnRole.ATTRIBUTE, **kw) -> ColumnSpec:
@@ -101,14 +103,24 @@ def unit_schema(unit: str, file_format: str = "parquet") -> SiloSchema:
     customers = {
         "customer_id": col(ColumnType.STRING, ColumnRole.IDENTIFIER),
         "person_id": col(ColumnType.STRING, ColumnRole.IDENTIFIER),
-        "age": col(ColumnType.INTEGER, ColumnRole.QUASI_IDENTIFIER, lower=18, upper=100),
+        "age": col(ColumnType.INTEGER, ColumnRole.QUASI_IDENTIFIER, lower=14, upper=100),
         "gender": col(ColumnType.CATEGORY, ColumnRole.QUASI_IDENTIFIER, domain=GENDERS),
         "region": col(ColumnType.CATEGORY, ColumnRole.QUASI_IDENTIFIER, domain=REGIONS),
         "signup_date": col(
             ColumnType.DATE, ColumnRole.QUASI_IDENTIFIER, lower=SIGNUP_START, upper=PERIOD_END
         ),
-        "religion": col(ColumnType.CATEGORY, ColumnRole.SPECIAL_CATEGORY, domain=RELIGIONS),
-        "health_condition": col(ColumnType.CATEGORY, ColumnRole.SPECIAL_CATEGORY, domain=HEALTH),
+        "religion": col(
+            ColumnType.CATEGORY,
+            ColumnRole.SPECIAL_CATEGORY,
+            domain=RELIGIONS,
+            sensitive=Sensitive.RELIGIOUS_BELIEFS,
+        ),
+        "health_condition": col(
+            ColumnType.CATEGORY,
+            ColumnRole.SPECIAL_CATEGORY,
+            domain=HEALTH,
+            sensitive=Sensitive.HEALTH,
+        ),
         "churned": col(ColumnType.BOOLEAN, ColumnRole.LABEL),
     }
     transactions = {
@@ -119,7 +131,7 @@ def unit_schema(unit: str, file_format: str = "parquet") -> SiloSchema:
         "category": col(ColumnType.CATEGORY, domain=PRODUCTS),
     }
     join = ("customers.customer_id", "transactions.customer_id")
-    return SiloSchema(
+    return UnitConfig(
         unit=unit,
         tables={
             "customers": TableSpec(
@@ -178,7 +190,7 @@ def _unit_tables(
     n = len(people)
     prefix = unit[:3]
     ids = np.array([f"{prefix}-{i:06d}" for i in range(n)])
-    age = np.clip(np.round(profile.age_mean + people["age_offset"].to_numpy()), 18, 90).astype(int)
+    age = np.clip(np.round(profile.age_mean + people["age_offset"].to_numpy()), 14, 90).astype(int)
     span = (PERIOD_END - SIGNUP_START).days - 180
     signup = pd.to_datetime(SIGNUP_START) + pd.to_timedelta(
         np.floor(span * rng.beta(2.0, 1.4, size=n)), unit="D"
@@ -228,8 +240,10 @@ def _unit_tables(
         }
     ).sort_values(["timestamp", "customer_id"], ignore_index=True)
 
-    # Consent: most customers grant at signup; some never do; a few revoke later.
+    # Consent: most customers grant at signup; some never do; a few revoke later. For about half of
+    # the minors (under 16) the grant was given by a guardian.
     rows = []
+    guardian = (age < 16) & (rng.random(n) < 0.5)
     for purpose in PURPOSES:
         grants = rng.random(n) < profile.consent_rate
         grant_time = signup + pd.to_timedelta(rng.integers(0, 30, size=n), unit="D")
@@ -242,6 +256,7 @@ def _unit_tables(
                         "customer_id": ids[mask],
                         "purpose": purpose,
                         "granted": granted,
+                        "guardian": guardian[mask] & granted,
                         "timestamp": times[mask],
                     }
                 )
@@ -331,7 +346,7 @@ def synthesize(
             )
             unit_dir = staging / unit
             unit_dir.mkdir()
-            (unit_dir / "schema.json").write_text(schema.dump(), encoding="utf-8")
+            (unit_dir / UNIT_CONFIG_FILE).write_text(schema.dump(), encoding="utf-8")
             for stem, frame in (
                 ("customers", customers_df),
                 ("transactions", transactions),

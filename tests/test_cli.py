@@ -59,9 +59,9 @@ def test_data_synth_writes_silos_and_reports_the_ceiling(tmp_path: Path) -> None
         "retail_stores",
     ]
     assert sorted(p.name for p in (silos / "ecommerce").iterdir()) == [
+        "bu.toml",
         "consent.csv",
         "customers.csv",
-        "schema.json",
         "transactions.csv",
     ]
     again = silofed("data", "synth", "--units", "2", "--out", "silos", cwd=tmp_path)

@@ -16,6 +16,7 @@ from clients.features import compute_features
 from clients.silo import load_silo
 from federation.evaluation import exact_auc
 from federation.models import predict_proba
+from privacy.unit_config import UnitConfig
 from server.app import load_model
 from tests.report_contract import assert_report_contract
 
@@ -78,6 +79,9 @@ def test_simulate_three_units_two_rounds_writes_a_complete_run_directory(tmp_pat
     }
     for unit in report["privacy"]["per_unit"]:
         assert 0.9 * 3 <= unit["epsilon"] <= 3.0
+        assert unit["purpose"] == "churn_model" and unit["pseudonymised"] is True
+        assert set(unit["excluded"]) == {"no_consent", "revoked", "minor", "erased", "quality"}
+        assert unit["quality"]["invalid_customers"] == 0
         assert unit["excluded"]["no_consent"] > 0
         assert {"column": "customers.religion", "reason": "special_category"} in unit[
             "columns_dropped"
@@ -94,9 +98,56 @@ def test_simulate_three_units_two_rounds_writes_a_complete_run_directory(tmp_pat
     # The saved model scores with its saved feature spec, loaded with weights_only=True.
     model, spec = load_model(out / "model.pt")
     assert spec.output_names == tuple(report["model"]["features"])
-    silo = load_silo(out / "simulation" / "silos" / "ecommerce")
+    silo = load_silo(UnitConfig.load(out / "simulation" / "silos" / "ecommerce" / "bu.toml"))
     matrix = compute_features(silo.tables, spec)
     scores = predict_proba(model, matrix.features)
     assert scores.shape == (len(silo.tables["customers"]),)
     assert exact_auc(scores, matrix.labels) > 0.75
     assert torch.load(out / "model.pt", weights_only=True)["format"] == "silofed.model/1"
+
+
+def test_encrypted_silos_give_the_same_results_as_plaintext(tmp_path: Path) -> None:
+    """`--encrypt-at-rest`: the BUs read AES-GCM encrypted silos transparently; with the same
+    seed, the run is the same as on plaintext silos (a second Ray start of the default suite)."""
+    reports = {}
+    for name, extra in (("plain", ()), ("encrypted", ("--encrypt-at-rest",))):
+        out = tmp_path / name
+        done = silofed(
+            "simulate",
+            "--units",
+            "2",
+            "--rounds",
+            "2",
+            "--customers",
+            "300",
+            "--seed",
+            "5",
+            "--out",
+            str(out),
+            *extra,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        reports[name] = json.loads((out / "report.json").read_text())
+    silo_files = sorted(
+        p.name for p in (tmp_path / "encrypted" / "simulation" / "silos" / "ecommerce").iterdir()
+    )
+    assert silo_files == [
+        "bu.toml",
+        "consent.parquet",
+        "customers.parquet.enc",
+        "transactions.parquet.enc",
+    ]
+    plain, encrypted = reports["plain"], reports["encrypted"]
+    assert encrypted["model"]["metrics"] == pytest.approx(plain["model"]["metrics"], rel=1e-9)
+    for a, b in zip(plain["privacy"]["per_unit"], encrypted["privacy"]["per_unit"], strict=True):
+        assert (a["encrypted_at_rest"], b["encrypted_at_rest"]) == (False, True)
+        for key in (
+            "epsilon",
+            "noise_multiplier",
+            "sample_rate",
+            "steps",
+            "records_used",
+            "excluded",
+        ):
+            assert a[key] == b[key]

@@ -11,15 +11,19 @@ import pandas as pd
 import pytest
 
 from clients.features import compute_features
-from clients.pipeline import held_out, prepare_unit
+from clients.pipeline import UnitKeys, held_out
+from clients.pipeline import prepare_unit as _prepare_unit
 from clients.silo import load_silo
+from clients.steward import consent_export
 from federation.features import resolve_feature_spec
 from federation.job import Job
 from privacy.consent import consented_customers
 from privacy.errors import ConfigurationError, PolicyViolation
-from privacy.schema import SiloSchema
+from privacy.registry import ConsentRegistry
+from privacy.unit_config import UnitConfig
 
 AS_OF = datetime(2026, 6, 1)
+KEYS = UnitKeys(pseudonym=b"k" * 32)
 
 
 def _job(silo) -> Job:
@@ -28,25 +32,61 @@ def _job(silo) -> Job:
 
 @pytest.fixture()
 def silo(small_silos: Path):
-    return load_silo(small_silos / "retail_stores")
+    return load_silo(UnitConfig.load(small_silos / "retail_stores" / "bu.toml"))
 
 
-def test_only_customers_with_active_consent_reach_training_or_evaluation(silo) -> None:
+@pytest.fixture()
+def consent_events(silo) -> pd.DataFrame:
+    return pd.read_parquet(consent_export(silo.config.source.directory))
+
+
+def prepare_unit(silo, job, *, as_of, events=None, tmp=None, now=None):
+    """The pipeline with a fresh registry holding `events` (the silo's export by default)."""
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(dir=tmp))
+    events = (
+        events
+        if events is not None
+        else pd.read_parquet(consent_export(silo.config.source.directory))
+    )
+    with ConsentRegistry.open(directory / "consent.sqlite", unit=silo.unit) as registry:
+        registry.import_events(events, source="test", tombstone_key=KEYS.pseudonym)
+        return _prepare_unit(silo, job, registry=registry, keys=KEYS, as_of=as_of, now=now)
+
+
+def _pseudonyms(ids) -> set[str]:
+    from privacy.pseudonyms import pseudonymise
+
+    return set(pseudonymise(pd.Series(list(ids), dtype=str), KEYS.pseudonym))
+
+
+def test_only_customers_with_active_consent_reach_training_or_evaluation(
+    silo, consent_events
+) -> None:
     job = _job(silo)
     prepared = prepare_unit(silo, job, as_of=AS_OF)
+    ages = silo.tables["customers"].set_index("customer_id")["age"]
     expected = consented_customers(
-        silo.tables["customers"]["customer_id"], silo.consent, "churn_model", AS_OF, unit=silo.unit
+        silo.tables["customers"]["customer_id"],
+        consent_events,
+        "churn_model",
+        AS_OF,
+        unit=silo.unit,
+        ages=ages,
+        minor_age=16,
     ).consented
     used = set(prepared.train.customer_ids) | set(prepared.test.customer_ids)
-    assert used == set(expected)
+    assert used == _pseudonyms(expected)
     assert sum(prepared.excluded.values()) == len(silo.tables["customers"]) - len(expected)
     assert prepared.excluded["no_consent"] > 0 and prepared.excluded["revoked"] > 0
 
 
-def test_a_customer_whose_consent_is_revoked_never_reaches_training(silo) -> None:
+def test_a_customer_whose_consent_is_revoked_never_reaches_training(silo, consent_events) -> None:
     job = _job(silo)
     before = prepare_unit(silo, job, as_of=AS_OF)
-    victim = before.train.customer_ids[0]
+    clear = {p: c for c in silo.tables["customers"]["customer_id"] for p in _pseudonyms([c])}
+    victim = clear[before.train.customer_ids[0]]
     revocation = pd.DataFrame(
         {
             "customer_id": [victim],
@@ -55,9 +95,11 @@ def test_a_customer_whose_consent_is_revoked_never_reaches_training(silo) -> Non
             "timestamp": [pd.Timestamp("2026-01-01")],
         }
     )
-    revoked = replace(silo, consent=pd.concat([silo.consent, revocation], ignore_index=True))
-    after = prepare_unit(revoked, job, as_of=AS_OF)
-    assert victim not in set(after.train.customer_ids) | set(after.test.customer_ids)
+    events = pd.concat([consent_events, revocation], ignore_index=True)
+    after = prepare_unit(silo, job, as_of=AS_OF, events=events)
+    assert _pseudonyms([victim]).isdisjoint(
+        set(after.train.customer_ids) | set(after.test.customer_ids)
+    )
     assert len(after.train.customer_ids) == len(before.train.customer_ids) - 1
     assert after.excluded["revoked"] == before.excluded["revoked"] + 1
 
@@ -82,11 +124,11 @@ def test_special_categories_never_reach_features(silo) -> None:
 def test_feature_scaling_and_domains_come_from_the_schema_not_the_data(silo) -> None:
     spec = _job(silo).feature_spec
     assert spec == resolve_feature_spec(
-        "churn", [SiloSchema.model_validate(silo.schema.model_dump())]
+        "churn", [UnitConfig.model_validate(silo.schema.model_dump())]
     )
     ages = dict(zip(spec.output_names, range(spec.dim), strict=True))
     age = next(f for f in spec.features if f.name == "age")
-    assert (age.lower, age.upper) == (18.0, 100.0)  # declared, not the observed 18..90
+    assert (age.lower, age.upper) == (14.0, 100.0)  # declared, not the observed 14..90
     before = compute_features(silo.tables, spec)
     # Make the data extreme: one customer 100 years old spending the maximum. Nobody else's
     # features move, which they would if scaling used the data's min/max/mean/std.
@@ -143,6 +185,56 @@ def test_a_purpose_the_unit_has_not_declared_is_refused(silo) -> None:
 def test_a_purpose_that_does_not_allow_a_needed_column_is_refused(silo) -> None:
     data = silo.schema.model_dump(mode="json")
     data["purposes"]["churn_model"]["features"].remove("customers.region")
-    narrowed = replace(silo, schema=SiloSchema.model_validate(data))
+    narrowed = replace(silo, config=UnitConfig.model_validate(data))
     with pytest.raises(PolicyViolation, match=r"customers\.region"):
         prepare_unit(narrowed, _job(silo), as_of=AS_OF)
+
+
+def test_identifiers_are_pseudonymised_before_any_computation(silo) -> None:
+    prepared = prepare_unit(silo, _job(silo), as_of=AS_OF)
+    clear = set(silo.tables["customers"]["customer_id"])
+    used = set(prepared.train.customer_ids) | set(prepared.test.customer_ids)
+    assert used and clear.isdisjoint(used)
+    assert all(len(p) == 64 for p in used)  # hex HMAC-SHA256 under the BU's key
+
+
+def test_a_revocation_during_the_run_excludes_the_customer_from_the_next_round(
+    silo, consent_events
+) -> None:
+    job = _job(silo)
+    start = datetime(2026, 6, 1)
+    first = prepare_unit(silo, job, as_of=start, now=start)
+    clear = {p: c for c in silo.tables["customers"]["customer_id"] for p in _pseudonyms([c])}
+    victim = clear[first.train.customer_ids[0]]
+    revocation = pd.DataFrame(
+        {
+            "customer_id": [victim],
+            "purpose": ["churn_model"],
+            "granted": [False],
+            "timestamp": [pd.Timestamp("2026-06-01 10:00")],
+        }
+    )
+    events = pd.concat([consent_events, revocation], ignore_index=True)
+    # round 1 ran at the start; the revocation arrives at 10:00; round 2 starts at 11:00
+    second = prepare_unit(silo, job, as_of=start, events=events, now=datetime(2026, 6, 1, 11))
+    assert _pseudonyms([victim]).isdisjoint(second.train.customer_ids)
+    assert len(second.train.customer_ids) == len(first.train.customer_ids) - 1
+    # ... while a grant after the start never adds anyone to a running job
+    assert second.excluded["revoked"] == first.excluded["revoked"] + 1
+
+
+def test_minors_count_only_with_a_guardians_consent(small_silos: Path) -> None:
+    silo = load_silo(UnitConfig.load(small_silos / "ecommerce" / "bu.toml"))  # the youngest BU
+    consent_events = pd.read_parquet(consent_export(silo.config.source.directory))
+    prepared = prepare_unit(silo, _job(silo), as_of=AS_OF)
+    ages = silo.tables["customers"].set_index("customer_id")["age"]
+    unguarded_minors = set(ages[ages < 16].index) - set(
+        consent_events.loc[consent_events["guardian"], "customer_id"]
+    )
+    adults_rule = consented_customers(  # the same decision without the minors rule
+        ages.index, consent_events, "churn_model", AS_OF, unit=silo.unit
+    ).consented
+    assert unguarded_minors & adults_rule  # the fixture has minors to exclude
+    used = set(prepared.train.customer_ids) | set(prepared.test.customer_ids)
+    assert used == _pseudonyms(adults_rule - unguarded_minors)
+    assert prepared.excluded["minor"] == len(adults_rule & unguarded_minors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,12 +12,14 @@ from flwr.app import Context, RecordDict
 from opacus.accountants import RDPAccountant
 
 from clients.app import BusinessUnitClient, DpSgdState, Node
+from clients.steward import prepare_simulated_home
 from clients.training import entropy_generator, local_plan, train_dp_sgd
 from federation.features import resolve_feature_spec
 from federation.job import Job, Training
 from federation.models import build_model, initial_parameters
 from federation.wire import Instruction, Phase, UnitReport, refusal_of
 from privacy.accounting import DpSgdEvent, dp_sgd_epsilon
+from privacy.unit_config import UnitConfig
 from simulations.synthetic import unit_schema
 
 
@@ -87,13 +90,20 @@ def _instruction(phase: Phase, server_round: int, job: Job, seed: int | None = 3
     ).to_config()
 
 
+def _node(silos: Path, tmp_path: Path) -> Node:
+    """The ecommerce BU with a fresh home holding its consent export."""
+    bu_config = silos / "ecommerce" / "bu.toml"
+    home = prepare_simulated_home(UnitConfig.load(bu_config), tmp_path / "home")
+    return Node(bu_config=bu_config, home=home.directory, simulated=True)
+
+
 def test_client_reports_cumulative_epsilon_over_rounds_kept_in_node_state(
-    small_silos: Path,
+    small_silos: Path, tmp_path: Path
 ) -> None:
     """Flower re-creates the client every round; only the node's context survives."""
     job = Job(rounds=2, epsilon=2.0, features=resolve_feature_spec("churn", [unit_schema("x")]))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    node = Node(silo=small_silos / "ecommerce", simulated=True)
+    node = _node(small_silos, tmp_path)
     params = initial_parameters(job.task, job.feature_spec.dim)
     reports = []
     for server_round in (1, 2):
@@ -115,19 +125,21 @@ def test_client_reports_cumulative_epsilon_over_rounds_kept_in_node_state(
     assert DpSgdState(context, "run-2").history == ()
 
 
-def test_a_deployed_client_refuses_a_seed(small_silos: Path) -> None:
+def test_a_deployed_client_refuses_a_seed(small_silos: Path, tmp_path: Path) -> None:
     job = Job(features=resolve_feature_spec("churn", [unit_schema("x")]))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    client = BusinessUnitClient(Node(silo=small_silos / "ecommerce", simulated=False), context)
+    client = BusinessUnitClient(replace(_node(small_silos, tmp_path), simulated=False), context)
     params = initial_parameters(job.task, job.feature_spec.dim)
     with pytest.raises(Exception, match="seeds exist only in simulation"):
         client.fit(params, _instruction(Phase.TRAIN, 1, job, seed=3))
 
 
-def test_a_round_that_would_exceed_the_target_is_refused_before_training(small_silos: Path) -> None:
+def test_a_round_that_would_exceed_the_target_is_refused_before_training(
+    small_silos: Path, tmp_path: Path
+) -> None:
     job = Job(rounds=1, epsilon=1.0, features=resolve_feature_spec("churn", [unit_schema("x")]))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    node = Node(silo=small_silos / "ecommerce", simulated=True)
+    node = _node(small_silos, tmp_path)
     params = initial_parameters(job.task, job.feature_spec.dim)
     trained, _, metrics = BusinessUnitClient(node, context).fit(
         params, _instruction(Phase.TRAIN, 1, job)

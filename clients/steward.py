@@ -1,0 +1,171 @@
+"""What a BU's data steward does to the BU's own data and state, outside any run.
+
+Preparing a home (consent import, keys), encrypting the silo at rest and rotating its keys, and the
+data subjects' requests: erasure (GDPR Art. 17; PIPL Art. 47) and access (GDPR Art. 15; PIPL
+Art. 45). Every change is written atomically; the `silofed` command calls these functions.
+"""
+
+from __future__ import annotations
+
+import io
+import tomllib
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import tomli_w
+
+from clients.silo import SILO_PURPOSE, read_table, table_file
+from privacy.atomic import write_atomic
+from privacy.encryption import ENCRYPTED_SUFFIX, rotate_files, write_encrypted
+from privacy.errors import ConfigurationError
+from privacy.home import UnitHome
+from privacy.registry import ImportResult
+from privacy.unit_config import UnitConfig
+
+CONSENT_EXPORT_STEM = "consent"
+
+
+def consent_export(directory: Path) -> Path | None:
+    """A consent export beside the silo's tables (`consent.parquet` or `consent.csv`), if any."""
+    for suffix in (".parquet", ".csv"):
+        if (candidate := Path(directory) / f"{CONSENT_EXPORT_STEM}{suffix}").exists():
+            return candidate
+    return None
+
+
+def import_consent(home: UnitHome, path: Path) -> ImportResult:
+    with home.registry() as registry:
+        return registry.import_file(path, tombstone_key=home.pseudonym_key())
+
+
+def prepare_simulated_home(config: UnitConfig, directory: Path) -> UnitHome:
+    """Simulation: a BU home ready for a run, its registry holding the silo's consent export
+    (importing again changes nothing) and its keys created."""
+    home = UnitHome(directory, config)
+    export = consent_export(config.source.directory)
+    if export is not None:
+        import_consent(home, export)
+    return home
+
+
+def _write_table(path: Path, frame: pd.DataFrame, home: UnitHome, config: UnitConfig) -> None:
+    encrypted = path.suffix == ENCRYPTED_SUFFIX
+    kind = Path(path.stem).suffix if encrypted else path.suffix
+    buffer = io.BytesIO()
+    if kind == ".parquet":
+        frame.to_parquet(buffer, index=False)
+    else:
+        frame.to_csv(buffer, index=False)
+    if encrypted:
+        write_encrypted(
+            path, buffer.getvalue(), keyring=home.keyring(), unit=config.unit, purpose=SILO_PURPOSE
+        )
+    else:
+        write_atomic(path, buffer.getvalue())
+
+
+def _set_encrypted_flag(bu_config: Path) -> None:
+    data = tomllib.loads(bu_config.read_text(encoding="utf-8"))
+    data.setdefault("source", {})["encrypted"] = True
+    write_atomic(bu_config, tomli_w.dumps(data))
+
+
+def encrypt_silo(bu_config: Path, home: UnitHome) -> list[Path]:
+    """Encrypt every table file of the silo in place (`<file>.enc`, a fresh data key per file under
+    the BU's key ring, created if needed), remove the plaintext, and mark the silo encrypted in its
+    `bu.toml`. Returns the encrypted files."""
+    config = UnitConfig.load(bu_config)
+    if config.source.encrypted:
+        raise ConfigurationError(
+            f"{bu_config}: the silo is already encrypted ([source] encrypted = true)"
+        )
+    keyring = home.keyring(create=True)
+    written = []
+    for table in config.tables:
+        plain = table_file(config, table)
+        target = plain.with_name(plain.name + ENCRYPTED_SUFFIX)
+        write_encrypted(
+            target, plain.read_bytes(), keyring=keyring, unit=config.unit, purpose=SILO_PURPOSE
+        )
+        written.append(target)
+    _set_encrypted_flag(bu_config)
+    for target in written:
+        Path(str(target)[: -len(ENCRYPTED_SUFFIX)]).unlink()
+    return written
+
+
+def rotate_silo_key(config: UnitConfig, home: UnitHome) -> str:
+    """Rotate the BU's key-encryption key: re-wrap every encrypted file's data key under a new key
+    (the data is not re-encrypted), then destroy the old key. Returns the new key's id."""
+    if not config.source.encrypted:
+        raise ConfigurationError(
+            f"unit '{config.unit}': the silo is not encrypted; nothing to rotate"
+        )
+    files = [(table_file(config, t), config.unit, SILO_PURPOSE) for t in config.tables]
+    return rotate_files(home.keyring(), files)
+
+
+@dataclass(frozen=True)
+class Erasure:
+    unit: str
+    rows_removed: dict[str, int]
+    consent_events_removed: int
+    runs_that_used_the_customer: list[str]
+
+
+def erase_customer(
+    config: UnitConfig, home: UnitHome, customer_id: str, *, now: datetime
+) -> Erasure:
+    """Remove the customer from every table of the silo (encrypted or not), from the consent
+    registry and from a consent export beside the silo, leave a tombstone so that no later import
+    brings them back, and list the runs whose models were trained with their data."""
+    keyring = home.keyring() if config.source.encrypted else None
+    rows_removed = {}
+    for table, spec in config.tables.items():
+        path = table_file(config, table)
+        frame = read_table(path, keyring=keyring, unit=config.unit)
+        keep = frame[spec.key].astype(str) != str(customer_id)
+        rows_removed[table] = int((~keep).sum())
+        if rows_removed[table]:
+            _write_table(path, frame[keep], home, config)
+    export = consent_export(config.source.directory)
+    if export is not None:
+        events = read_table(export)
+        keep = events["customer_id"].astype(str) != str(customer_id)
+        if not keep.all():
+            _write_table(export, events[keep], home, config)
+    key = home.pseudonym_key()
+    with home.registry() as registry:
+        removed = registry.erase(customer_id, tombstone_key=key, now=now)
+    with home.lineage() as lineage:
+        runs = lineage.runs_using(customer_id, key=key)
+    return Erasure(config.unit, rows_removed, removed, runs)
+
+
+def access_report(config: UnitConfig, home: UnitHome, customer_id: str) -> dict:
+    """Everything the BU holds about one customer, as JSON-ready data."""
+    keyring = home.keyring() if config.source.encrypted else None
+    tables = {}
+    for table, spec in config.tables.items():
+        frame = read_table(table_file(config, table), keyring=keyring, unit=config.unit)
+        rows = frame[frame[spec.key].astype(str) == str(customer_id)]
+        tables[table] = (
+            rows.astype(object).where(rows.notna(), None).astype(str).to_dict(orient="records")
+        )
+    key = home.pseudonym_key()
+    with home.registry() as registry:
+        events = registry.export_events(customer_id)
+        erased = registry.is_erased(customer_id, tombstone_key=key)
+    with home.lineage() as lineage:
+        runs = lineage.runs_using(customer_id, key=key)
+    return {
+        "unit": config.unit,
+        "customer_id": customer_id,
+        "erased": erased,
+        "tables": tables,
+        "consent_events": events,
+        "runs_that_used_the_customer": runs,
+        "purposes_declared": sorted(config.purposes),
+    }
