@@ -128,7 +128,7 @@ def compute_features(
                 block = np.zeros((len(ids), len(feature.domain)))
         else:  # pragma: no cover - the discriminated union is closed
             raise TypeError(f"unknown feature {feature!r}")
-        blocks.append(block.reshape(len(ids), -1))
+        blocks.append(block[:, None] if block.ndim == 1 else block)
 
     matrix = np.concatenate(blocks, axis=1).astype(np.float32)
     labels = _column(tables, spec.label).astype(bool).to_numpy().astype(np.float32)

@@ -120,8 +120,8 @@ class KeyRing:
                 raise ConfigurationError(
                     f"{path} is not named kek-<16 hex digits>.key; move it out of {directory}"
                 )
-            _check_private(path)
-            keys[match["kid"]] = _read_key_file(path)
+            check_private_key_file(path)
+            keys[match["kid"]] = read_key_file(path)
         active_path = directory / _ACTIVE_FILE
         if not active_path.is_file():
             raise ConfigurationError(
@@ -146,7 +146,7 @@ class KeyRing:
                 f"environment variable {var_name} is not set; set it to a base64-encoded "
                 f"256-bit key (e.g. from `openssl rand -base64 32`)"
             )
-        key = _decode_key(value)
+        key = decode_key(value)
         if key is None:
             raise ConfigurationError(
                 f"environment variable {var_name} does not hold a base64-encoded 256-bit key; "
@@ -444,7 +444,7 @@ def _parse(blob: bytes) -> _Envelope:
     return envelope
 
 
-def _decode_key(text: str) -> bytes | None:
+def decode_key(text: str) -> bytes | None:
     try:
         key = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -452,8 +452,8 @@ def _decode_key(text: str) -> bytes | None:
     return key if len(key) == _KEY_BYTES else None
 
 
-def _read_key_file(path: Path) -> bytes:
-    key = _decode_key(path.read_text(encoding="ascii", errors="replace").strip())
+def read_key_file(path: Path) -> bytes:
+    key = decode_key(path.read_text(encoding="ascii", errors="replace").strip())
     if key is None:
         raise ConfigurationError(
             f"key file {path} does not hold a base64-encoded 256-bit key; restore it from the "
@@ -462,7 +462,7 @@ def _read_key_file(path: Path) -> bytes:
     return key
 
 
-def _check_private(path: Path) -> None:
+def check_private_key_file(path: Path) -> None:
     if os.name != "posix":
         return
     mode = stat.S_IMODE(path.stat().st_mode)

@@ -10,20 +10,13 @@ hash would not do). The file is a schema-versioned SQLite store in the BU's home
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import sqlite3
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 
 from privacy.errors import ConfigurationError
-from privacy.store import open_store, transaction
-
-# HMAC-SHA256 keys shorter than the hash output weaken it (NIST SP 800-107 §5.3.4); the BU's key
-# file holds 32 random bytes.
-MIN_KEY_BYTES = 32
+from privacy.pseudonyms import customer_digest
+from privacy.store import SqliteState, open_store, transaction
 
 _MIGRATIONS = (
     # version 1
@@ -40,17 +33,6 @@ _MIGRATIONS = (
 )
 
 
-def customer_digest(key: bytes, customer_id: str) -> str:
-    """HMAC-SHA256 of a customer id under the BU's key, as hex: the one way silofed refers to a
-    customer in state that must not hold ids in clear (lineage, erasure tombstones)."""
-    if not isinstance(key, bytes) or len(key) < MIN_KEY_BYTES:
-        raise ConfigurationError(
-            f"the BU's HMAC key must be at least {MIN_KEY_BYTES} random bytes; use the key "
-            "silofed keeps in the BU's home (keys/pseudonym.key) or its environment variable."
-        )
-    return hmac.new(key, str(customer_id).encode("utf-8"), hashlib.sha256).hexdigest()
-
-
 def iso_utc(moment: datetime) -> str:
     """A time as fixed-width ISO 8601 text in naive UTC, so that text order is time order.
     A naive time is taken to be UTC already (the silo convention)."""
@@ -59,32 +41,14 @@ def iso_utc(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
-class Lineage:
+class Lineage(SqliteState):
     """The BU's record of the customers each run used, by keyed digest."""
-
-    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
-        self._connection = connection
-        self.path = path
 
     @classmethod
     def open(cls, path: Path) -> Lineage:
         """Open the lineage file at `path` (e.g. `home / "lineage.sqlite"`), creating it if missing."""
         path = Path(path)
         return cls(open_store(path, _MIGRATIONS, name="lineage"), path)
-
-    def close(self) -> None:
-        self._connection.close()
-
-    def __enter__(self) -> Lineage:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def record(
         self, run_id: str, customer_ids: Iterable[str], *, key: bytes, purpose: str, now: datetime

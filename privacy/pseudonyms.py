@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from privacy.atomic import fsync_directory
-from privacy.encryption import _check_private, _decode_key, _read_key_file
+from privacy.encryption import check_private_key_file, decode_key, read_key_file
 from privacy.errors import ConfigurationError
 from privacy.schema import ColumnRole, SiloSchema
 
@@ -43,6 +43,14 @@ _VALID_RULES = "band:N (numbers), prefix:N (text), month or year (dates), N a po
 # --- pseudonyms ------------------------------------------------------------------------------
 
 
+def customer_digest(key: bytes, customer_id: str) -> str:
+    """The pseudonym of one customer id: hex HMAC-SHA256 of its UTF-8 text under the BU's key.
+    The one way silofed refers to a customer where ids must not appear in clear (pseudonymised
+    tables, lineage, erasure tombstones); customer ids are guessable, so a plain hash would not do."""
+    _require_key(key, "pseudonym key")
+    return hmac.digest(key, str(customer_id).encode("utf-8"), "sha256").hex()
+
+
 def pseudonymise(values: pd.Series, key: bytes) -> pd.Series:
     """Each value replaced by the hex HMAC-SHA256 of its text under `key`; missing stays missing.
 
@@ -51,13 +59,7 @@ def pseudonymise(values: pd.Series, key: bytes) -> pd.Series:
     _require_key(key, "pseudonym key")
     codes, uniques = pd.factorize(values, use_na_sentinel=True)
     # Hash each distinct id once: a transactions table repeats every customer id many times.
-    digests = np.array(
-        [
-            hmac.digest(key, str(value).encode("utf-8"), "sha256").hex()
-            for value in uniques.tolist()
-        ],
-        dtype=object,
-    )
+    digests = np.array([customer_digest(key, value) for value in uniques.tolist()], dtype=object)
     out = values.to_numpy(dtype=object, copy=True)  # keeps each missing value's own marker
     present = codes >= 0
     out[present] = digests[codes[present]]
@@ -138,8 +140,8 @@ def load_or_create_key(path: Path) -> bytes:
     """
     path = Path(path)
     if path.exists():
-        _check_private(path)
-        return _read_key_file(path)
+        check_private_key_file(path)
+        return read_key_file(path)
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -155,8 +157,8 @@ def load_or_create_key(path: Path) -> bytes:
         # appeared meanwhile is never overwritten.
         descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:
-        _check_private(path)
-        return _read_key_file(path)
+        check_private_key_file(path)
+        return read_key_file(path)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(base64.b64encode(key) + b"\n")
         handle.flush()
@@ -173,7 +175,7 @@ def key_from_environment(var: str) -> bytes:
             f"environment variable {var} is not set; set it to a base64-encoded 256-bit key "
             "(e.g. from `openssl rand -base64 32`)"
         )
-    key = _decode_key(value)
+    key = decode_key(value)
     if key is None:
         raise ConfigurationError(
             f"environment variable {var} does not hold a base64-encoded 256-bit key; set it to "

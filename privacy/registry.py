@@ -8,7 +8,7 @@ where each consent came from (Art. 7(1)). Importing is idempotent: an event alre
 duplicate and changes nothing.
 
 Erasing a customer deletes their events and keeps a tombstone: a keyed digest of their id
-(HMAC-SHA256 under the BU's key, see `privacy.lineage.customer_digest`), never the id itself. Every
+(HMAC-SHA256 under the BU's key, see `privacy.pseudonyms.customer_digest`), never the id itself. Every
 later import skips the events of a tombstoned customer, so a re-import of an old export does not
 bring them back, and every decision counts them as erased.
 """
@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -28,8 +27,9 @@ import pandas as pd
 
 from privacy.consent import CONSENT_COLUMNS, GUARDIAN_COLUMN, ConsentDecision, consented_customers
 from privacy.errors import ConfigurationError, ConsentMissing
-from privacy.lineage import customer_digest, iso_utc
-from privacy.store import open_store, transaction
+from privacy.lineage import iso_utc
+from privacy.pseudonyms import customer_digest
+from privacy.store import SqliteState, open_store, transaction
 
 IMPORT_COMMAND = "silofed consent import --bu-config BU.toml FILE"
 EVENT_COLUMNS = (*CONSENT_COLUMNS[:3], GUARDIAN_COLUMN, CONSENT_COLUMNS[3])
@@ -69,12 +69,11 @@ class ImportResult:
     erased: int  # events of erased customers, skipped
 
 
-class ConsentRegistry:
+class ConsentRegistry(SqliteState):
     """The consent events and erasure tombstones of one BU."""
 
     def __init__(self, connection: sqlite3.Connection, path: Path, unit: str) -> None:
-        self._connection = connection
-        self.path = path
+        super().__init__(connection, path)
         self.unit = unit
 
     @classmethod
@@ -97,20 +96,6 @@ class ConsentRegistry:
             connection.close()
             raise
         return cls(connection, path, unit)
-
-    def close(self) -> None:
-        self._connection.close()
-
-    def __enter__(self) -> ConsentRegistry:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- import ------------------------------------------------------------------------------
 

@@ -238,3 +238,20 @@ def test_minors_count_only_with_a_guardians_consent(small_silos: Path) -> None:
     used = set(prepared.train.customer_ids) | set(prepared.test.customer_ids)
     assert used == _pseudonyms(adults_rule - unguarded_minors)
     assert prepared.excluded["minor"] == len(adults_rule & unguarded_minors)
+
+
+def test_a_purpose_can_generalise_a_quasi_identifier_before_features(silo) -> None:
+    data = silo.schema.model_dump(mode="json")
+    data["purposes"]["churn_model"]["generalise"] = {"customers.age": "band:10"}
+    banded = replace(silo, config=UnitConfig.model_validate(data))
+    job = _job(silo)
+    age = next(f for f in job.feature_spec.features if f.name == "age")
+    column = job.feature_spec.output_names.index("age")
+    features = prepare_unit(banded, job, as_of=AS_OF).train.features[:, column]
+    ages = features * (age.upper - age.lower) + age.lower
+    lower_edges = np.round(ages)
+    np.testing.assert_allclose(ages, lower_edges, atol=1e-4)
+    # every age is a band's lower edge, or the declared lower bound the 10-19 band is clipped to
+    assert set(lower_edges) <= {14.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0}
+    exact = prepare_unit(silo, job, as_of=AS_OF).train.features[:, column]
+    assert not np.allclose(exact * (age.upper - age.lower) % 10, 0, atol=1e-4)

@@ -29,7 +29,7 @@ from clients.steward import (
 from federation.features import resolve_feature_spec
 from federation.job import Job
 from federation.models import initial_parameters
-from federation.wire import DroppedColumn, Instruction, Phase, UnitReport
+from federation.wire import DroppedColumn, Instruction, Phase, UnitReport, refusal_of
 from privacy.encryption import DecryptionError, KeyRing
 from privacy.home import UnitHome
 from privacy.pseudonyms import pseudonymise
@@ -264,3 +264,42 @@ def test_pseudonyms_of_the_same_id_differ_between_units(unit, tmp_path) -> None:
     other = UnitHome(tmp_path / "other-home", UnitConfig.load(bu_config))
     ids = pd.Series(["ret-000001"])
     assert pseudonymise(ids, home.pseudonym_key())[0] != pseudonymise(ids, other.pseudonym_key())[0]
+
+
+def test_a_unit_left_with_no_eligible_customer_takes_no_part_without_crashing(unit) -> None:
+    bu_config, home = unit
+    ids = load_silo(UnitConfig.load(bu_config)).tables["customers"]["customer_id"]
+    with home.registry() as registry:  # everyone revokes before the job starts
+        registry.import_events(
+            pd.DataFrame(
+                {
+                    "customer_id": ids,
+                    "purpose": "churn_model",
+                    "granted": False,
+                    "timestamp": pd.Timestamp("2026-05-01"),
+                }
+            ),
+            source="test",
+            tombstone_key=home.pseudonym_key(),
+        )
+    parameters, n, metrics = _fit(bu_config, home, "run-A")
+    assert (parameters, n) == ([], 0)
+    reason = refusal_of(metrics).reason
+    assert "has no eligible customer for purpose 'churn_model'" in reason
+    assert f"'revoked': {len(ids)}" in reason
+
+
+def test_consent_import_command_reports_and_skips_duplicates(unit, tmp_path) -> None:
+    bu_config, home = unit
+    done = _silofed(
+        "consent",
+        "import",
+        str(tmp_path / "consent-archive.csv"),
+        "--bu-config",
+        str(bu_config),
+        "--home",
+        str(home.directory),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("imported 0 event(s);")  # the home already holds the export
