@@ -18,7 +18,7 @@ import tomli_w
 
 from clients.silo import SILO_PURPOSE, read_table, table_file
 from privacy.atomic import write_atomic
-from privacy.encryption import ENCRYPTED_SUFFIX, rotate_files, write_encrypted
+from privacy.encryption import ENCRYPTED_SUFFIX, read_encrypted, rotate_files, write_encrypted
 from privacy.errors import ConfigurationError
 from privacy.home import UnitHome
 from privacy.registry import ImportResult
@@ -94,6 +94,26 @@ def encrypt_silo(bu_config: Path, home: UnitHome) -> list[Path]:
     for target in written:
         Path(str(target)[: -len(ENCRYPTED_SUFFIX)]).unlink()
     return written
+
+
+def encrypt_file(config: UnitConfig, home: UnitHome, path: Path, *, purpose: str) -> Path:
+    """Encrypt any file the BU keeps (a consent export, a model artefact) as `<file>.enc` under
+    the BU's key ring, bound to its name, the BU and `purpose`; the plaintext is removed."""
+    target = path.with_name(path.name + ENCRYPTED_SUFFIX)
+    write_encrypted(
+        target,
+        path.read_bytes(),
+        keyring=home.keyring(create=True),
+        unit=config.unit,
+        purpose=purpose,
+    )
+    path.unlink()
+    return target
+
+
+def decrypt_file(config: UnitConfig, home: UnitHome, path: Path, *, purpose: str) -> bytes:
+    """The plaintext of a file encrypted with `encrypt_file` (kept in memory, never written)."""
+    return read_encrypted(path, keyring=home.keyring(), unit=config.unit, purpose=purpose)
 
 
 def rotate_silo_key(config: UnitConfig, home: UnitHome) -> str:

@@ -234,6 +234,22 @@ def keys_encrypt(bu_config: BuConfig, home: HomeOption = None) -> None:
         console.print(f"encrypted {path}")
 
 
+@keys_app.command("encrypt-file")
+def keys_encrypt_file(
+    file: Annotated[Path, typer.Argument(help="a file the BU keeps: a consent export, a model")],
+    bu_config: BuConfig,
+    purpose: Annotated[
+        str, typer.Option(help="the purpose the file is bound to, e.g. churn_model")
+    ],
+    home: HomeOption = None,
+) -> None:
+    """Encrypt one file at rest as <file>.enc (bound to its name, the BU and the purpose)."""
+    from clients.steward import encrypt_file
+
+    config, unit_home = _unit(bu_config, home)
+    console.print(f"encrypted {encrypt_file(config, unit_home, file, purpose=purpose)}")
+
+
 @keys_app.command("rotate")
 def keys_rotate(bu_config: BuConfig, home: HomeOption = None) -> None:
     """Rotate the BU's key-encryption key: re-wrap every file's data key, destroy the old key."""

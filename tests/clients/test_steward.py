@@ -20,6 +20,8 @@ from clients.app import BusinessUnitClient, Node
 from clients.silo import load_silo
 from clients.steward import (
     access_report,
+    decrypt_file,
+    encrypt_file,
     encrypt_silo,
     erase_customer,
     import_consent,
@@ -303,3 +305,15 @@ def test_consent_import_command_reports_and_skips_duplicates(unit, tmp_path) -> 
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("imported 0 event(s);")  # the home already holds the export
+
+
+def test_a_kept_file_is_encrypted_bound_to_its_purpose(unit, tmp_path) -> None:
+    bu_config, home = unit
+    config = UnitConfig.load(bu_config)
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights")
+    encrypted = encrypt_file(config, home, model, purpose="churn_model")
+    assert not model.exists() and b"weights" not in encrypted.read_bytes()
+    assert decrypt_file(config, home, encrypted, purpose="churn_model") == b"weights"
+    with pytest.raises(DecryptionError):
+        decrypt_file(config, home, encrypted, purpose="response_model")
