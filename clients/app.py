@@ -21,10 +21,11 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.client import ClientApp, NumPyClient
 
+from clients.mods import secure_aggregation_mod
 from clients.pipeline import PreparedUnit, UnitKeys, prepare_unit
 from clients.silo import load_silo
 from clients.training import entropy_generator, local_plan, train_dp_sgd
-from federation.evaluation import ScoreSummary
+from federation.evaluation import EVALUATION_RANGE, ScoreSummary
 from federation.models import build_model, predict_proba, set_parameters
 from federation.wire import UNIT_KEY, DroppedColumn, Instruction, Phase, Refusal, UnitReport
 from privacy.accounting import DpSgdEvent, calibrate_noise_multiplier, dp_sgd_epsilon
@@ -76,6 +77,17 @@ class DpSgdState:
         self._context.state.config_records[STATE_KEY] = self._record
 
 
+def check_secure_range(arrays: list[np.ndarray], bound: float, *, what: str) -> None:
+    """SecAgg+ clips to its public range without telling anyone; a BU refuses to send a vector
+    that would be clipped, since the sum would then be silently wrong."""
+    largest = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
+    if not largest <= bound:
+        raise RunFailed(
+            f"{what} reach {largest:.4g}, outside the secure aggregation range +-{bound:g}; "
+            "raise the job's secure_aggregation.clipping_range (a public parameter)"
+        )
+
+
 class BusinessUnitClient(NumPyClient):
     def __init__(self, node: Node, context: Context) -> None:
         self.node = node
@@ -121,6 +133,10 @@ class BusinessUnitClient(NumPyClient):
                 )
             return reply
         except RefusedByUnit as refusal:
+            if job.secure_aggregation.enabled:
+                # Under SecAgg+ a reply without the masked vector would break the protocol for
+                # everyone; the BU drops out instead, and SecAgg+ recovers from the dropout.
+                raise
             return [], 0, Refusal(unit=config.unit, reason=str(refusal)).to_metrics()
 
     def _evaluate(self, prepared: PreparedUnit, parameters, instruction: Instruction):
@@ -129,6 +145,11 @@ class BusinessUnitClient(NumPyClient):
         set_parameters(model, parameters)
         scores = predict_proba(model, prepared.test.features)
         summary = ScoreSummary.of(scores, prepared.test.labels)
+        if job.secure_aggregation.enabled:
+            # Counts travel exactly on SecAgg+'s integer grid (see server.secure_aggregation);
+            # the weight is 1 so that the secure mean times the number of BUs is the sum.
+            check_secure_range(summary.to_arrays(), EVALUATION_RANGE, what="evaluation counts")
+            return summary.to_arrays(), 1, {UNIT_KEY: prepared.unit}
         return summary.to_arrays(), len(prepared.test.labels), {UNIT_KEY: prepared.unit}
 
     def _train(self, prepared: PreparedUnit, parameters, instruction: Instruction):
@@ -183,6 +204,11 @@ class BusinessUnitClient(NumPyClient):
             sample_rate=plan.sample_rate,
             steps=sum(e.steps for e in update.history),
         )
+        if job.secure_aggregation.enabled:
+            check_secure_range(
+                update.parameters, job.secure_aggregation.clipping_range, what="model parameters"
+            )
+            return update.parameters, 1, report.to_metrics()  # uniform FedAvg weights under SecAgg+
         return update.parameters, records, report.to_metrics()
 
 
@@ -234,7 +260,7 @@ def make_client_app(nodes: Sequence[Node] | None = None) -> ClientApp:
         torch.set_num_threads(1)  # one core per virtual node; 2-core machines thrash otherwise
         return BusinessUnitClient(resolve_node(context, nodes), context).to_client()
 
-    return ClientApp(client_fn=client_fn)
+    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
 
 
 app = make_client_app()

@@ -63,6 +63,12 @@ def simulate(
     encrypt_at_rest: Annotated[
         bool, typer.Option("--encrypt-at-rest", help="store the generated silos AES-GCM encrypted")
     ] = False,
+    secure_aggregation: Annotated[
+        bool,
+        typer.Option(
+            "--secure-aggregation", help="Flower SecAgg+: the coordinator sees only sums (>= 3 BUs)"
+        ),
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
@@ -74,7 +80,15 @@ def simulate(
     from simulations.runner import SimulationSettings
     from simulations.runner import simulate as run_simulation
 
-    job = Job.parse({"rounds": rounds, "epsilon": epsilon, "delta": delta}, source="command line")
+    job = Job.parse(
+        {
+            "rounds": rounds,
+            "epsilon": epsilon,
+            "delta": delta,
+            "secure_aggregation": {"enabled": secure_aggregation},
+        },
+        source="command line",
+    )
     settings = SimulationSettings(
         out=out or Path("runs") / new_run_id(),
         units=units,

@@ -15,6 +15,10 @@ import numpy as np
 
 SCORE_BINS = 1000
 _EPS = 1e-7
+# Under SecAgg+, evaluation statistics travel on an integer grid of step 1 over
+# [-EVALUATION_RANGE, EVALUATION_RANGE]: counts are exact, sums of log-loss and Brier terms are
+# stochastically rounded to integers (an error below 1 per BU).
+EVALUATION_RANGE = float(2**20)
 
 
 @dataclass(frozen=True)

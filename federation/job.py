@@ -45,6 +45,20 @@ class Evaluation(_Frozen):
     holdout_key: str = Field("silofed-holdout-v1", min_length=8)
 
 
+class SecureAggregation(_Frozen):
+    """Flower's SecAgg+ (Bell et al. 2020): the coordinator sees only the sum of the BUs' replies.
+
+    Every range is public and fixed before any data is read: model parameters must lie in
+    [-clipping_range, clipping_range] (a BU whose model leaves it refuses to send rather than be
+    clipped), and are quantised on a grid of `quantization_range` steps. FedAvg weights are uniform
+    under SecAgg+ (no BU's size enters the sum)."""
+
+    enabled: bool = False
+    clipping_range: float = Field(32.0, gt=0)
+    quantization_range: int = Field(2**22, ge=2**8, le=2**24)
+    timeout: float = Field(300.0, gt=0, description="seconds each SecAgg+ stage waits for replies")
+
+
 class Job(_Frozen):
     schema_version: Literal[1] = 1
     task: Task = Task.CHURN
@@ -54,6 +68,7 @@ class Job(_Frozen):
     delta: float = Field(1e-6, gt=0, lt=1e-2)
     training: Training = Training()
     evaluation: Evaluation = Evaluation()
+    secure_aggregation: SecureAggregation = SecureAggregation()
     consent_as_of: datetime | None = Field(
         None, description="consent is evaluated as of this time; the job's start when empty"
     )

@@ -29,6 +29,7 @@ from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.artefacts import new_run_id, publish, staging_dir
 from server.report import build_report, render_html
 from server.run import RunPlan, RunRecord
+from server.secure_aggregation import secure_workflows
 from server.strategy import FederatedRounds
 from server.workflow import RoundsWorkflow
 
@@ -45,7 +46,9 @@ def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=plan.job.rounds), strategy=strategy
     )
-    parameters = RoundsWorkflow()(grid, legacy)
+    secure = plan.job.secure_aggregation
+    workflows = secure_workflows(units, secure) if secure.enabled else None
+    parameters = RoundsWorkflow(workflows)(grid, legacy)
     write_run_directory(record, parameters)
     return record
 

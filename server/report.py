@@ -65,8 +65,12 @@ def build_report(record: RunRecord) -> dict:
             "units": record.units,
             "refused_units": sorted(record.refused),
             "rounds_completed": record.rounds_completed,
-            "strategy": "FedAvg (weighted by records used)",
-            "secure_aggregation": False,
+            "strategy": (
+                "FedAvg (uniform weights under SecAgg+)"
+                if job.secure_aggregation.enabled
+                else "FedAvg (weighted by records used)"
+            ),
+            "secure_aggregation": job.secure_aggregation.enabled,
         },
         "model": {
             "type": "logistic_regression",

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from federation.evaluation import ScoreSummary
+from federation.evaluation import SCORE_BINS, ScoreSummary
 from federation.models import initial_parameters
 from federation.wire import Instruction, Phase, UnitReport, refusal_of
 from privacy.errors import RefusedByUnit, RunFailed
@@ -91,10 +92,7 @@ class FederatedRounds(Strategy):
                 + "; ".join(f"{u}: {r}" for u, r in sorted(self.record.refused.items()))
             )
         if self.phase is Phase.EVALUATE:
-            summaries = [
-                ScoreSummary.from_arrays(parameters_to_ndarrays(r.parameters)) for _, r in answered
-            ]
-            self.record.record_evaluation(server_round, sum(summaries[1:], summaries[0]).metrics())
+            self.record.record_evaluation(server_round, self._summed(answered).metrics())
             self.completed[Phase.EVALUATE] = server_round
             return None, {}
         self.record.record_training([UnitReport.from_metrics(r.metrics) for _, r in answered])
@@ -103,6 +101,19 @@ class FederatedRounds(Strategy):
             raise RunFailed(f"round {server_round}: the aggregation produced no model")
         self.completed[Phase.TRAIN] = server_round
         return parameters, metrics
+
+    def _summed(self, answered: list[tuple[ClientProxy, FitRes]]) -> ScoreSummary:
+        if self._plan.job.secure_aggregation.enabled:
+            # SecAgg+ hands every result the same secure mean (weights 1): times the number of
+            # BUs it is the sum. Counts were integers on the grid; round them back exactly.
+            (mean,) = parameters_to_ndarrays(answered[0][1].parameters)
+            total = mean * len(answered)
+            total[: 2 * SCORE_BINS] = np.round(total[: 2 * SCORE_BINS])
+            return ScoreSummary.from_arrays([total])
+        summaries = [
+            ScoreSummary.from_arrays(parameters_to_ndarrays(r.parameters)) for _, r in answered
+        ]
+        return sum(summaries[1:], summaries[0])
 
     # Evaluation travels as train rounds (see the module docstring); Flower's evaluate path is unused.
     def configure_evaluate(self, server_round, parameters, client_manager):

@@ -26,8 +26,9 @@ from server.strategy import FederatedRounds
 
 
 class RoundsWorkflow:
-    def __init__(self, fit_workflow: Workflow = default_fit_workflow) -> None:
-        self.fit_workflow = fit_workflow
+    def __init__(self, workflows: dict[Phase, Workflow] | None = None) -> None:
+        """`workflows`: the fit workflow of each phase (default: Flower's plain fit workflow)."""
+        self.workflows = workflows or {phase: default_fit_workflow for phase in Phase}
 
     def __call__(self, grid: Grid, context: LegacyContext) -> list:
         """Run every round; return the final global parameters as numpy arrays."""
@@ -47,7 +48,7 @@ class RoundsWorkflow:
                 config[Key.CURRENT_ROUND] = server_round
                 for phase in (Phase.TRAIN, Phase.EVALUATE):
                     strategy.phase = phase
-                    self.fit_workflow(grid, context)
+                    self.workflows[phase](grid, context)
                     if strategy.completed[phase] != server_round:
                         raise RunFailed(
                             f"round {server_round}: the {phase} exchange did not complete "
