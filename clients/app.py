@@ -4,9 +4,10 @@ Flower's legacy `NumPyClient` (the only client kind Flower 1.41's SecAgg+ works 
 is a `fit` call whose instruction says whether to train or to evaluate. The BU re-reads its
 `bu.toml` and its silo every round and re-applies consent (as of the job's start, with revocations
 since then taking effect at once), records which customers the run used (lineage, as HMAC digests
-in its home), calibrates its own noise from the
-public plan, and keeps its accountant history in the node's state so that the epsilon it reports is
-cumulative over the run.
+in its home), checks the job against its own privacy policy and budget before reading any data,
+calibrates its own noise once per run from the public plan, and records every round's release in
+its persistent ledger, from which the epsilon it reports is composed: cumulative over the run (never
+per round), over the purpose, and over the BU as a whole.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.client import ClientApp, NumPyClient
 
+from clients.budget import admit, check_round_not_answered, run_history
 from clients.mods import secure_aggregation_mod
 from clients.pipeline import PreparedUnit, UnitKeys, prepare_unit
 from clients.silo import load_silo
@@ -31,6 +33,7 @@ from federation.wire import UNIT_KEY, DroppedColumn, Instruction, Phase, Refusal
 from privacy.accounting import DpSgdEvent, calibrate_noise_multiplier, dp_sgd_epsilon
 from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed
 from privacy.home import UnitHome
+from privacy.ledger import PrivacyLedger
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 
 STATE_KEY = "silofed.dp_sgd"
@@ -44,37 +47,6 @@ class Node:
     bu_config: Path
     home: Path | None
     simulated: bool
-
-
-class DpSgdState:
-    """The node's DP-SGD state for one run, kept in `context.state` between rounds."""
-
-    def __init__(self, context: Context, run_id: str) -> None:
-        self._context = context
-        record = context.state.config_records.get(STATE_KEY)
-        if record is None or record["run_id"] != run_id:
-            record = ConfigRecord({"run_id": run_id, "noise_multiplier": 0.0})
-            record["nm"], record["q"], record["steps"] = [], [], []
-        self._record = record
-
-    @property
-    def noise_multiplier(self) -> float | None:
-        value = float(self._record["noise_multiplier"])
-        return value if value > 0 else None
-
-    @property
-    def history(self) -> tuple[DpSgdEvent, ...]:
-        r = self._record
-        return tuple(
-            DpSgdEvent(nm, q, s) for nm, q, s in zip(r["nm"], r["q"], r["steps"], strict=True)
-        )
-
-    def save(self, noise_multiplier: float, history: Sequence[DpSgdEvent]) -> None:
-        self._record["noise_multiplier"] = noise_multiplier
-        self._record["nm"] = [e.noise_multiplier for e in history]
-        self._record["q"] = [e.sample_rate for e in history]
-        self._record["steps"] = [e.steps for e in history]
-        self._context.state.config_records[STATE_KEY] = self._record
 
 
 def check_secure_range(arrays: list[np.ndarray], bound: float, *, what: str) -> None:
@@ -107,6 +79,8 @@ class BusinessUnitClient(NumPyClient):
         config = UnitConfig.load(self.node.bu_config)
         home = UnitHome.of(config, self.node.home)
         try:
+            # Before any data is read: the BU's own policy and budget decide.
+            admit(config, home, job, instruction.run_id, now=datetime.now(UTC))
             keyring = home.keyring() if config.source.encrypted else None
             silo = load_silo(config, keyring=keyring)
             with home.registry() as registry:
@@ -124,8 +98,13 @@ class BusinessUnitClient(NumPyClient):
                     f"(excluded: {prepared.excluded}); it takes no part in this run"
                 )
             if instruction.phase is Phase.EVALUATE:
-                return self._evaluate(prepared, parameters, instruction)
-            reply = self._train(prepared, parameters, instruction)
+                reply = self._evaluate(prepared, parameters, instruction)
+                if instruction.server_round == job.rounds:  # the run's last exchange
+                    with home.ledger() as ledger:
+                        ledger.release(instruction.run_id, job.purpose, now=datetime.now(UTC))
+                return reply
+            with home.ledger() as ledger:
+                reply = self._train(prepared, parameters, instruction, ledger)
             with home.lineage() as lineage:
                 used = np.concatenate([prepared.train.customer_ids, prepared.test.customer_ids])
                 lineage.record_digests(
@@ -152,16 +131,24 @@ class BusinessUnitClient(NumPyClient):
             return summary.to_arrays(), 1, {UNIT_KEY: prepared.unit}
         return summary.to_arrays(), len(prepared.test.labels), {UNIT_KEY: prepared.unit}
 
-    def _train(self, prepared: PreparedUnit, parameters, instruction: Instruction):
+    def _train(
+        self, prepared: PreparedUnit, parameters, instruction: Instruction, ledger: PrivacyLedger
+    ):
         job = instruction.job
         records = len(prepared.train.labels)
         plan = local_plan(records, job.training)
-        state = DpSgdState(self.context, instruction.run_id)
-        noise_multiplier = state.noise_multiplier or calibrate_noise_multiplier(
-            job.epsilon, job.delta, plan.sample_rate, plan.steps_per_round * job.rounds
+        check_round_not_answered(ledger, instruction.run_id, job.purpose, instruction.server_round)
+        history = run_history(ledger, instruction.run_id, job.purpose)
+        # Calibrated once per run, from the public plan: the first round's multiplier is kept.
+        noise_multiplier = (
+            history[0].noise_multiplier
+            if history
+            else calibrate_noise_multiplier(
+                job.epsilon, job.delta, plan.sample_rate, plan.steps_per_round * job.rounds
+            )
         )
         planned = DpSgdEvent(noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        would_reach = dp_sgd_epsilon([*state.history, planned], job.delta)
+        would_reach = dp_sgd_epsilon([*history, planned], job.delta)
         if would_reach > job.epsilon:
             # e.g. fewer consented customers than when the noise was calibrated: a higher sample
             # rate. The round is not trained; nothing is released.
@@ -183,10 +170,13 @@ class BusinessUnitClient(NumPyClient):
             prepared.train.labels,
             job.training,
             noise_multiplier,
-            state.history,
+            history,
             entropy_generator(seed),
         )
-        state.save(noise_multiplier, update.history)
+        now = datetime.now(UTC)
+        released = DpSgdEvent(noise_multiplier, plan.sample_rate, update.steps)
+        ledger.record(instruction.run_id, instruction.server_round, job.purpose, released, now=now)
+        history = (*history, released)
         report = UnitReport(
             unit=prepared.unit,
             purpose=prepared.purpose,
@@ -199,10 +189,14 @@ class BusinessUnitClient(NumPyClient):
             columns_dropped=[
                 DroppedColumn(column=d.column, reason=d.reason) for d in prepared.columns_dropped
             ],
-            epsilon=dp_sgd_epsilon(update.history, job.delta),
+            epsilon=dp_sgd_epsilon(history, job.delta),
+            epsilon_total=ledger.epsilon(job.delta, purpose=job.purpose),
+            epsilon_unit_total=ledger.epsilon(job.delta),
+            budget=ledger.budget(job.purpose),
+            budget_unit=ledger.budget(None),
             noise_multiplier=noise_multiplier,
             sample_rate=plan.sample_rate,
-            steps=sum(e.steps for e in update.history),
+            steps=sum(e.steps for e in history),
         )
         if job.secure_aggregation.enabled:
             check_secure_range(

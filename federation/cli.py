@@ -275,6 +275,44 @@ def keys_rotate(bu_config: BuConfig, home: HomeOption = None) -> None:
     )
 
 
+budget_app = typer.Typer(help="A BU's privacy budget and ledger.", no_args_is_help=True)
+app.add_typer(budget_app, name="budget")
+
+
+@budget_app.command("show")
+def budget_show(
+    bu_config: BuConfig,
+    home: HomeOption = None,
+    delta: Annotated[float, typer.Option(help="delta at which epsilon is reported")] = 1e-6,
+) -> None:
+    """Per purpose and in total: budget, spent, reserved by runs in progress, remaining, events."""
+    from datetime import UTC, datetime
+
+    from clients.budget import sync_budgets
+
+    config, unit_home = _unit(bu_config, home)
+    with unit_home.ledger() as ledger:
+        sync_budgets(ledger, config, now=datetime.now(UTC))
+        lines = ledger.summary(delta)
+    table = Table(title=f"privacy budget of unit '{config.unit}' (epsilon at delta {delta:g})")
+    for column in ("purpose", "budget", "spent", "reserved", "remaining", "events"):
+        table.add_column(column, justify="left" if column == "purpose" else "right")
+
+    def number(value: float | None) -> str:
+        return "no limit" if value is None else f"{value:.4f}"
+
+    for line in lines:
+        table.add_row(
+            line.purpose or "[bold]all purposes[/bold]",
+            number(line.budget),
+            f"{line.spent:.4f}",
+            f"{line.reserved:.4f}",
+            number(line.remaining),
+            str(line.events),
+        )
+    console.print(table)
+
+
 @app.command()
 def erase(
     customer_id: Annotated[str, typer.Argument(help="the customer's id in the BU's silo")],

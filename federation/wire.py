@@ -87,6 +87,14 @@ class UnitReport(BaseModel):
     columns_used: list[str]
     columns_dropped: list[DroppedColumn]
     epsilon: float = Field(ge=0, description="cumulative over this run's rounds so far")
+    epsilon_total: float = Field(
+        0.0, ge=0, description="the ledger's composed epsilon for the purpose"
+    )
+    epsilon_unit_total: float = Field(
+        0.0, ge=0, description="the ledger's epsilon over all purposes"
+    )
+    budget: float | None = Field(None, description="the BU's budget for the purpose, if any")
+    budget_unit: float | None = Field(None, description="the BU's budget over all purposes, if any")
     noise_multiplier: float = Field(gt=0)
     sample_rate: float = Field(gt=0, le=1)
     steps: int = Field(ge=0, description="DP-SGD steps taken in this run so far")

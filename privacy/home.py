@@ -2,6 +2,7 @@
 
     HOME/consent.sqlite   the consent registry (events, tombstones of erased customers)
     HOME/lineage.sqlite   which runs used which customers (HMAC digests, never ids)
+    HOME/ledger.sqlite    the privacy ledger: every DP release, budgets, reservations
     HOME/keys/            key material, files 0600 in a 0700 directory:
         pseudonym.key     HMAC key for pseudonyms, lineage and tombstones (held by the BU only)
         linkage.key       optional, shared by BUs for purposes that declare cross-BU linkage
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from privacy.encryption import KeyRing
 from privacy.errors import ConfigurationError
+from privacy.ledger import PrivacyLedger
 from privacy.lineage import Lineage
 from privacy.pseudonyms import key_from_environment, load_or_create_key
 from privacy.registry import ConsentRegistry
@@ -47,6 +49,9 @@ class UnitHome:
 
     def lineage(self) -> Lineage:
         return Lineage.open(self.directory / "lineage.sqlite")
+
+    def ledger(self) -> PrivacyLedger:
+        return PrivacyLedger.open(self.directory / "ledger.sqlite", unit=self.config.unit)
 
     def pseudonym_key(self) -> bytes:
         if self.config.keys.pseudonym_env:

@@ -38,7 +38,7 @@ from privacy.errors import ConfigurationError, RefusedByUnit
 from privacy.lineage import iso_utc
 from privacy.store import SqliteState, open_store, transaction
 
-BUDGET_COMMAND = "silofed budget set"
+BUDGET_COMMAND = "[privacy] budget or purpose_budgets in the unit's bu.toml"
 
 _DP_SGD = "dp_sgd"
 _GAUSSIAN = "gaussian"
@@ -416,7 +416,7 @@ class PrivacyLedger(SqliteState):
             f"unit '{self.unit}' refuses run '{run_id}' for purpose '{purpose}': the epsilon "
             f"{epsilon:g} it asks for (at delta {delta:g}) would exceed a privacy budget "
             f"({reasons}). Ask for at most {math.floor(most * 1e4) / 1e4:g}, or have the unit's "
-            f"data steward raise the budget with `{BUDGET_COMMAND}`."
+            f"data steward raise {BUDGET_COMMAND}."
         )
 
     def _open_reservation(self, run_id: str, purpose: str) -> Reservation | None:

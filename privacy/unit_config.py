@@ -42,6 +42,19 @@ class Minors(_Frozen):
     age: int = Field(16, ge=13, le=21)
 
 
+class PrivacyPolicy(_Frozen):
+    """The BU's own privacy policy: budgets it will not exceed, and the weakest per-run guarantee
+    it accepts. A job asking for more epsilon or delta than this is refused before any data is
+    read (local noise holds without trusting the coordinator only if the BU checks)."""
+
+    budget: float | None = Field(
+        None, gt=0, description="epsilon for the BU as a whole, all purposes"
+    )
+    purpose_budgets: dict[str, float] = Field(default_factory=dict)
+    max_epsilon_per_run: float | None = Field(None, gt=0)
+    max_delta: float = Field(1e-5, gt=0, lt=1)
+
+
 class Keys(_Frozen):
     """Key material from environment variables instead of files in the BU's home (base64)."""
 
@@ -55,6 +68,7 @@ class UnitConfig(SiloSchema):
     source: Source = Source()
     minors: Minors = Minors()
     quality: QualityRules = QualityRules()
+    privacy: PrivacyPolicy = PrivacyPolicy()
     keys: Keys = Keys()
 
     @model_validator(mode="after")

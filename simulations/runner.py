@@ -18,11 +18,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from clients.app import Node, make_client_app
+from clients.budget import would_admit
 from clients.silo import load_silo
 from clients.steward import encrypt_silo, prepare_simulated_home
 from federation.features import resolve_feature_spec
 from federation.job import Job
-from privacy.errors import ConfigurationError, RunFailed
+from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.app import make_server_app
 from server.artefacts import check_target, new_run_id, publish, staging_dir
@@ -95,9 +96,13 @@ def simulate(
         homes_root = Path(settings.homes) if settings.homes is not None else workspace / "homes"
         nodes = []
         units = []
+        refusals = {}
         for bu_config in configs:
             config = UnitConfig.load(bu_config)
             home = prepare_simulated_home(config, homes_root / config.unit)
+            # Each BU's own decision, before any of its data is read (it decides again in the run).
+            if (reason := would_admit(config, home, job)) is not None:
+                refusals[config.unit] = reason
             if settings.encrypt_at_rest:
                 encrypt_silo(bu_config, home)
                 config = UnitConfig.load(bu_config)
@@ -106,6 +111,8 @@ def simulate(
             load_silo(config, keyring=home.keyring() if config.source.encrypted else None)
             nodes.append(Node(bu_config=bu_config, home=home.directory, simulated=True))
             units.append(config)
+        if len(refusals) == len(configs):
+            raise RefusedByUnit("every BU refuses the job: " + "; ".join(refusals.values()))
         job = job.model_copy(update={"features": resolve_feature_spec(job.task, units)})
         plan = RunPlan(
             run_id=new_run_id(),

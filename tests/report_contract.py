@@ -21,6 +21,9 @@ TOP_LEVEL = {
     "privacy.delta": float,
     "privacy.disclosed": list,
     "privacy.per_unit": list,
+    "privacy.noise_placement": str,
+    "privacy.secure_aggregation": bool,
+    "privacy.guarantees": list,
 }
 PER_UNIT = {
     "unit": str,
@@ -32,6 +35,8 @@ PER_UNIT = {
     "excluded": dict,
     "columns_used": list,
     "columns_dropped": list,
+    "epsilon_total": float,
+    "refused": bool,
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 from flwr.app import Context, RecordDict
 from opacus.accountants import RDPAccountant
 
-from clients.app import BusinessUnitClient, DpSgdState, Node
+from clients.app import BusinessUnitClient, Node
 from clients.steward import prepare_simulated_home
 from clients.training import entropy_generator, local_plan, train_dp_sgd
 from federation.features import resolve_feature_spec
@@ -19,6 +19,7 @@ from federation.job import Job, Training
 from federation.models import build_model, initial_parameters
 from federation.wire import Instruction, Phase, UnitReport, refusal_of
 from privacy.accounting import DpSgdEvent, dp_sgd_epsilon
+from privacy.home import UnitHome
 from privacy.unit_config import UnitConfig
 from simulations.synthetic import unit_schema
 
@@ -97,16 +98,18 @@ def _node(silos: Path, tmp_path: Path) -> Node:
     return Node(bu_config=bu_config, home=home.directory, simulated=True)
 
 
-def test_client_reports_cumulative_epsilon_over_rounds_kept_in_node_state(
+def test_client_reports_cumulative_epsilon_over_rounds_kept_in_its_ledger(
     small_silos: Path, tmp_path: Path
 ) -> None:
-    """Flower re-creates the client every round; only the node's context survives."""
+    """Flower re-creates the client every round (here: even its context); the BU's ledger in its
+    home keeps the run's history."""
     job = Job(rounds=2, epsilon=2.0, features=resolve_feature_spec("churn", [unit_schema("x")]))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     node = _node(small_silos, tmp_path)
     params = initial_parameters(job.task, job.feature_spec.dim)
     reports = []
     for server_round in (1, 2):
+        context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
         client = BusinessUnitClient(node, context)  # a fresh client, as Flower does
         params, _n, metrics = client.fit(params, _instruction(Phase.TRAIN, server_round, job))
         reports.append(UnitReport.from_metrics(metrics))
@@ -115,14 +118,15 @@ def test_client_reports_cumulative_epsilon_over_rounds_kept_in_node_state(
     assert first.noise_multiplier == second.noise_multiplier
     assert first.epsilon < second.epsilon <= job.epsilon
     assert second.epsilon >= 0.9 * job.epsilon  # calibrated for the whole run, not one round
-    state = DpSgdState(context, "run-1")
     expected = dp_sgd_epsilon(
         [DpSgdEvent(second.noise_multiplier, second.sample_rate, second.steps)], job.delta
     )
-    assert second.epsilon == pytest.approx(expected, rel=1e-12)
-    assert state.history == (DpSgdEvent(second.noise_multiplier, second.sample_rate, second.steps),)
-    # A new run on the same node starts from nothing.
-    assert DpSgdState(context, "run-2").history == ()
+    assert second.epsilon == pytest.approx(expected, rel=1e-12)  # Opacus's own figure
+    with UnitHome(node.home, UnitConfig.load(node.bu_config)).ledger() as ledger:
+        step = DpSgdEvent(second.noise_multiplier, second.sample_rate, first.steps)
+        assert [e.event for e in ledger.entries(run_id="run-1")] == [step, step]
+        assert ledger.entries(run_id="run-2") == []  # another run starts from nothing
+    assert second.epsilon_total == second.epsilon  # the only run on this purpose so far
 
 
 def test_a_deployed_client_refuses_a_seed(small_silos: Path, tmp_path: Path) -> None:
@@ -151,4 +155,5 @@ def test_a_round_that_would_exceed_the_target_is_refused_before_training(
     )
     assert (again, n) == ([], 0)
     assert "above the job's 1.0" in refusal_of(metrics).reason
-    assert dp_sgd_epsilon(DpSgdState(context, "run-1").history, job.delta) == spent
+    with UnitHome(node.home, UnitConfig.load(node.bu_config)).ledger() as ledger:
+        assert ledger.epsilon(job.delta, run_id="run-1") == spent  # nothing recorded for round 2
