@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from flwr.app import Context
 from flwr.client import ClientApp, NumPyClient
+from flwr.clientapp.typing import Mod
 
 from clients.budget import admit, check_round_not_answered, run_history
 from clients.mods import secure_aggregation_mod
@@ -246,7 +247,7 @@ def _nodes_from_run_config(context: Context) -> list[Node]:
     return nodes
 
 
-def make_client_app(nodes: Sequence[Node] | None = None) -> ClientApp:
+def make_client_app(nodes: Sequence[Node] | None = None, *, mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp; `nodes` lists the simulated BUs (in node order) when the simulation runner
     knows them, otherwise each node is resolved from the node or run config."""
 
@@ -254,7 +255,8 @@ def make_client_app(nodes: Sequence[Node] | None = None) -> ClientApp:
         torch.set_num_threads(1)  # one core per virtual node; 2-core machines thrash otherwise
         return BusinessUnitClient(resolve_node(context, nodes), context).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
+    # Extra mods (simulated faults) see the message first, as a broken node would.
+    return ClientApp(client_fn=client_fn, mods=[*mods, secure_aggregation_mod])
 
 
 app = make_client_app()

@@ -69,6 +69,12 @@ def simulate(
             "--secure-aggregation", help="Flower SecAgg+: the coordinator sees only sums (>= 3 BUs)"
         ),
     ] = False,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="inject a fault KIND:BU:ROUND (repeatable; BU by name or 0-based index); kinds: crash"
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
@@ -97,6 +103,7 @@ def simulate(
         seed=seed,
         homes=homes,
         encrypt_at_rest=encrypt_at_rest,
+        faults=tuple(fault or ()),
         overwrite=overwrite,
         verbose=verbose,
     )

@@ -68,6 +68,7 @@ def build_report(record: RunRecord) -> dict:
             "seed": plan.seed if plan.mode == "simulation" else None,
             "units": record.units,
             "refused_units": sorted(record.refused),
+            "dropouts": list(record.dropouts),
             "rounds_completed": record.rounds_completed,
             "strategy": (
                 "FedAvg (uniform weights under SecAgg+)"

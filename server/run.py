@@ -45,6 +45,7 @@ class RunRecord:
     rounds: list[RoundSummary] = field(default_factory=list)
     unit_reports: dict[str, UnitReport] = field(default_factory=dict)  # latest per unit
     refused: dict[str, str] = field(default_factory=dict)  # unit -> reason
+    dropouts: list[dict] = field(default_factory=list)  # round, phase, reason
     _pending_epsilon: dict[str, float] = field(default_factory=dict)
 
     def record_training(self, reports: list[UnitReport]) -> None:

@@ -75,10 +75,19 @@ class FederatedRounds(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict]:
         if failures:
-            reasons = "; ".join(_describe(f) for f in failures)
-            raise RunFailed(
-                f"round {server_round} ({self.phase}): {len(failures)} BU(s) failed: {reasons}"
-            )
+            # Flower's SecAgg+ workflow lists a dropout twice; one line per distinct failure.
+            reasons = list(dict.fromkeys(_describe(f) for f in failures))
+            if not self._plan.job.secure_aggregation.enabled:
+                raise RunFailed(
+                    f"round {server_round} ({self.phase}): {len(reasons)} BU(s) failed: "
+                    + "; ".join(reasons)
+                )
+            # Under SecAgg+ the workflow already checked that enough BUs survived for the
+            # threshold (or halted, which fails the run); the sum is over the survivors.
+            for reason in reasons:
+                self.record.dropouts.append(
+                    {"round": server_round, "phase": str(self.phase), "reason": reason}
+                )
         answered = []
         for proxy, res in results:
             refusal = refusal_of(res.metrics)

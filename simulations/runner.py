@@ -28,6 +28,7 @@ from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.app import make_server_app
 from server.artefacts import check_target, new_run_id, publish, staging_dir
 from server.run import RoundCallback, RunPlan
+from simulations.faults import Fault, fault_mod
 from simulations.synthetic import read_ceiling, synthesize
 
 WORKSPACE = "simulation"
@@ -42,6 +43,7 @@ class SimulationSettings:
     seed: int | None = 0
     homes: Path | None = None  # persistent BU homes; default: fresh ones in the run's workspace
     encrypt_at_rest: bool = False
+    faults: tuple[str, ...] = ()  # KIND:BU:ROUND, see simulations.faults
     overwrite: bool = False
     verbose: bool = False
 
@@ -125,7 +127,11 @@ def simulate(
             auc_ceiling=read_ceiling(silos_root, job.evaluation),
             on_round=on_round,
         )
-        _run_engine(plan, nodes, verbose=settings.verbose)
+        names = [u.unit for u in units]
+        faults = [Fault.parse(text, names) for text in settings.faults]
+        _run_engine(
+            plan, nodes, mods=[fault_mod(faults, names)] if faults else [], verbose=settings.verbose
+        )
         report_path = staging / "report.json"
         if not report_path.exists():
             raise RunFailed("the simulation ended without a report; see the Flower log above")
@@ -141,7 +147,7 @@ def simulate(
         raise
 
 
-def _run_engine(plan: RunPlan, nodes: list[Node], *, verbose: bool) -> None:
+def _run_engine(plan: RunPlan, nodes: list[Node], *, mods: list, verbose: bool) -> None:
     from flwr.simulation import run_simulation
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -151,7 +157,7 @@ def _run_engine(plan: RunPlan, nodes: list[Node], *, verbose: bool) -> None:
     try:
         run_simulation(
             server_app=make_server_app(lambda _context: plan),
-            client_app=make_client_app(nodes),
+            client_app=make_client_app(nodes, mods=mods),
             num_supernodes=len(nodes),
             backend_config={
                 # one core and one torch thread per virtual BU: more thrashes a 2-core machine
