@@ -185,7 +185,7 @@ def test_reservations_and_spending_are_checked_additively(ledger: PrivacyLedger)
     assert "0 is spent and 3 is reserved" in message
     assert "epsilon 3 it asks for" in message
     assert "Ask for at most 1" in message
-    assert "silofed budget set" in message
+    assert "raise [privacy] budget or purpose_budgets in the unit's bu.toml" in message
     assert ledger.reservations() == [first]
 
     ledger.record("run-1", 0, CHURN, DpSgdEvent(1.5, 0.04, 400), now=NOW)
