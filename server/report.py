@@ -76,6 +76,7 @@ def build_report(record: RunRecord) -> dict:
                 else "FedAvg (weighted by records used)"
             ),
             "secure_aggregation": job.secure_aggregation.enabled,
+            "secure_aggregation_threshold": _threshold(plan),
         },
         "model": {
             "type": "logistic_regression",
@@ -148,6 +149,15 @@ def build_report(record: RunRecord) -> dict:
                 "over this run (local noise; holds without trusting the coordinator)."
                 for r in reports
             ],
+            "guarantees_secure_aggregation": (
+                [
+                    "With SecAgg+ the coordinator sees, in every exchange, only the sum of the "
+                    "surviving BUs' replies, never one BU's update or statistic, as long as fewer "
+                    f"than {_threshold(plan)['threshold']} BUs collude with it."
+                ]
+                if job.secure_aggregation.enabled
+                else []
+            ),
             "out_of_scope": [
                 "a coordinator that deviates from the protocol",
                 "side channels",
@@ -159,6 +169,15 @@ def build_report(record: RunRecord) -> dict:
             for s in record.rounds
         ],
     }
+
+
+def _threshold(plan) -> dict | None:
+    if not plan.job.secure_aggregation.enabled:
+        return None
+    from server.secure_aggregation import shares_and_threshold
+
+    shares, threshold = shares_and_threshold(plan.expected_units)
+    return {"shares": shares, "threshold": threshold, "units": plan.expected_units}
 
 
 def _svg_chart(
