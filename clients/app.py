@@ -27,14 +27,21 @@ from clients.budget import admit, check_round_not_answered, run_history
 from clients.mods import secure_aggregation_mod
 from clients.pipeline import PreparedUnit, UnitKeys, prepare_unit
 from clients.silo import load_silo
-from clients.training import entropy_generator, local_plan, train_dp_sgd
+from clients.training import entropy_generator, local_plan, train_clipped_update, train_dp_sgd
 from federation.evaluation import EVALUATION_RANGE, ScoreSummary
+from federation.job import NoisePlacement
 from federation.models import build_model, predict_proba, set_parameters
 from federation.wire import UNIT_KEY, DroppedColumn, Instruction, Phase, Refusal, UnitReport
-from privacy.accounting import DpSgdEvent, calibrate_noise_multiplier, dp_sgd_epsilon
+from privacy.accounting import (
+    DpSgdEvent,
+    calibrate_noise_multiplier,
+    central_noise_multiplier,
+    central_noise_std,
+    dp_sgd_epsilon,
+)
 from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed
 from privacy.home import UnitHome
-from privacy.ledger import PrivacyLedger
+from privacy.ledger import GaussianEvent, PrivacyEvent, PrivacyLedger
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 
 STATE_KEY = "silofed.dp_sgd"
@@ -140,16 +147,29 @@ class BusinessUnitClient(NumPyClient):
         plan = local_plan(records, job.training)
         check_round_not_answered(ledger, instruction.run_id, job.purpose, instruction.server_round)
         history = run_history(ledger, instruction.run_id, job.purpose)
-        # Calibrated once per run, from the public plan: the first round's multiplier is kept.
-        noise_multiplier = (
-            history[0].noise_multiplier
-            if history
-            else calibrate_noise_multiplier(
-                job.epsilon, job.delta, plan.sample_rate, plan.steps_per_round * job.rounds
+        central = job.noise is NoisePlacement.CENTRAL
+        if central:
+            # The coordinator adds noise of std z x 2C to the sum, every BU in every round: a
+            # Gaussian mechanism per round, no sampling. z follows from the public job alone.
+            clip = job.training.clip_norm
+            noise_multiplier = central_noise_multiplier(job.epsilon, job.delta, job.rounds)
+            planned: PrivacyEvent = GaussianEvent(
+                sigma=central_noise_std(noise_multiplier, clip), sensitivity=2 * clip
             )
-        )
-        planned = DpSgdEvent(noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        would_reach = dp_sgd_epsilon([*history, planned], job.delta)
+            sample_rate = 1.0
+        else:
+            # Calibrated once per run, from the public plan: the first round's multiplier is kept.
+            noise_multiplier = (
+                history[0].noise_multiplier
+                if history
+                else calibrate_noise_multiplier(
+                    job.epsilon, job.delta, plan.sample_rate, plan.steps_per_round * job.rounds
+                )
+            )
+            planned = DpSgdEvent(noise_multiplier, plan.sample_rate, plan.steps_per_round)
+            sample_rate = plan.sample_rate
+        as_step = planned.as_dp_sgd() if isinstance(planned, GaussianEvent) else planned
+        would_reach = dp_sgd_epsilon([*history, as_step], job.delta)
         if would_reach > job.epsilon:
             # e.g. fewer consented customers than when the noise was calibrated: a higher sample
             # rate. The round is not trained; nothing is released.
@@ -164,20 +184,29 @@ class BusinessUnitClient(NumPyClient):
                     [instruction.seed, instruction.server_round, *prepared.unit.encode()]
                 ).generate_state(1)[0]
             )
-        update = train_dp_sgd(
-            build_model(job.task, job.feature_spec.dim),
-            parameters,
-            prepared.train.features,
-            prepared.train.labels,
-            job.training,
-            noise_multiplier,
-            history,
-            entropy_generator(seed),
-        )
+        model = build_model(job.task, job.feature_spec.dim)
+        features, labels = prepared.train.features, prepared.train.labels
+        if central:
+            reply, _ = train_clipped_update(
+                model, parameters, features, labels, job.training, entropy_generator(seed)
+            )
+            released: PrivacyEvent = planned
+        else:
+            update = train_dp_sgd(
+                model,
+                parameters,
+                features,
+                labels,
+                job.training,
+                noise_multiplier,
+                history,
+                entropy_generator(seed),
+            )
+            reply = update.parameters
+            released = DpSgdEvent(noise_multiplier, plan.sample_rate, update.steps)
         now = datetime.now(UTC)
-        released = DpSgdEvent(noise_multiplier, plan.sample_rate, update.steps)
         ledger.record(instruction.run_id, instruction.server_round, job.purpose, released, now=now)
-        history = (*history, released)
+        history = run_history(ledger, instruction.run_id, job.purpose)
         report = UnitReport(
             unit=prepared.unit,
             purpose=prepared.purpose,
@@ -196,15 +225,15 @@ class BusinessUnitClient(NumPyClient):
             budget=ledger.budget(job.purpose),
             budget_unit=ledger.budget(None),
             noise_multiplier=noise_multiplier,
-            sample_rate=plan.sample_rate,
+            sample_rate=sample_rate,
             steps=sum(e.steps for e in history),
         )
         if job.secure_aggregation.enabled:
             check_secure_range(
-                update.parameters, job.secure_aggregation.clipping_range, what="model parameters"
+                reply, job.secure_aggregation.clipping_range, what="model parameters"
             )
-            return update.parameters, 1, report.to_metrics()  # uniform FedAvg weights under SecAgg+
-        return update.parameters, records, report.to_metrics()
+            return reply, 1, report.to_metrics()  # uniform FedAvg weights under SecAgg+
+        return reply, records, report.to_metrics()
 
 
 def resolve_node(context: Context, nodes: Sequence[Node] | None) -> Node:

@@ -16,7 +16,7 @@ from federation.job import Job
 from privacy.accounting import DpSgdEvent
 from privacy.errors import RefusedByUnit, RunFailed
 from privacy.home import UnitHome
-from privacy.ledger import PrivacyLedger
+from privacy.ledger import GaussianEvent, PrivacyLedger
 from privacy.unit_config import UnitConfig
 
 
@@ -72,7 +72,11 @@ def would_admit(config: UnitConfig, home: UnitHome, job: Job) -> str | None:
 
 
 def run_history(ledger: PrivacyLedger, run_id: str, purpose: str) -> tuple[DpSgdEvent, ...]:
-    return tuple(e.event for e in ledger.entries(run_id=run_id, purpose=purpose))
+    """The run's releases so far, each as the DP-SGD event the accountant composes."""
+    return tuple(
+        e.event.as_dp_sgd() if isinstance(e.event, GaussianEvent) else e.event
+        for e in ledger.entries(run_id=run_id, purpose=purpose)
+    )
 
 
 def check_round_not_answered(

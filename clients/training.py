@@ -115,3 +115,46 @@ def _train(model, parameters, features, labels, training, noise_multiplier, hist
     parameters_out = [t.detach().cpu().numpy().copy() for t in model.state_dict().values()]
     private_model.cleanup()  # detach Opacus's hooks from the caller's model
     return LocalUpdate(parameters=parameters_out, history=new_history, steps=steps)
+
+
+def train_clipped_update(
+    model: nn.Module,
+    parameters: list[np.ndarray],
+    features: np.ndarray,
+    labels: np.ndarray,
+    training: Training,
+    generator: torch.Generator,
+) -> tuple[list[np.ndarray], int]:
+    """Central placement: local SGD without noise, and the update (new - received parameters)
+    clipped to L2 norm `training.clip_norm` over all parameters. Returns the clipped update and
+    the number of steps. The update alone is not private: it may only leave the BU inside a
+    SecAgg+ sum, to which the coordinator adds the noise."""
+    set_parameters(model, parameters)
+    dataset = TensorDataset(torch.as_tensor(features), torch.as_tensor(labels))
+    loader = DataLoader(
+        dataset, batch_size=training.expected_batch_size, shuffle=True, generator=generator
+    )
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=training.learning_rate, momentum=training.momentum
+    )
+    steps = 0
+    model.train()
+    for _ in range(training.local_epochs):
+        for batch_features, batch_labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.binary_cross_entropy_with_logits(
+                model(batch_features).squeeze(-1), batch_labels
+            )
+            loss.backward()
+            optimizer.step()
+            steps += 1
+    new = [t.detach().cpu().numpy().astype(np.float64) for t in model.state_dict().values()]
+    update = [n - np.asarray(p, dtype=np.float64) for n, p in zip(new, parameters, strict=True)]
+    return clip_update(update, training.clip_norm), steps
+
+
+def clip_update(update: list[np.ndarray], clip_norm: float) -> list[np.ndarray]:
+    """The update scaled down to L2 norm `clip_norm` (over all arrays) when it is longer."""
+    norm = float(np.sqrt(sum(float(np.sum(u * u)) for u in update)))
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return [(u * scale).astype(np.float32) for u in update]

@@ -69,6 +69,12 @@ def simulate(
             "--secure-aggregation", help="Flower SecAgg+: the coordinator sees only sums (>= 3 BUs)"
         ),
     ] = False,
+    noise: Annotated[
+        str,
+        typer.Option(
+            help="noise placement: local (DP-SGD in each BU) or central (needs --secure-aggregation)"
+        ),
+    ] = "local",
     fault: Annotated[
         list[str] | None,
         typer.Option(
@@ -92,6 +98,7 @@ def simulate(
             "epsilon": epsilon,
             "delta": delta,
             "secure_aggregation": {"enabled": secure_aggregation},
+            "noise": noise,
         },
         source="command line",
     )

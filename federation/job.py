@@ -17,6 +17,13 @@ from federation.features import FeatureSpec
 from privacy.errors import ConfigurationError
 
 
+class NoisePlacement(StrEnum):
+    """Where the noise is added (DESIGN.md, Guarantees 3)."""
+
+    LOCAL = "local"  # DP-SGD inside each BU: holds against the coordinator without any trust
+    CENTRAL = "central"  # BUs clip their updates, send under SecAgg+; the coordinator adds noise
+
+
 class Task(StrEnum):
     CHURN = "churn"
 
@@ -69,6 +76,7 @@ class Job(_Frozen):
     training: Training = Training()
     evaluation: Evaluation = Evaluation()
     secure_aggregation: SecureAggregation = SecureAggregation()
+    noise: NoisePlacement = NoisePlacement.LOCAL
     consent_as_of: datetime | None = Field(
         None, description="consent is evaluated as of this time; the job's start when empty"
     )
@@ -86,6 +94,15 @@ class Job(_Frozen):
                 return data  # the field validator names the bad task
             return {**data, "purpose": DEFAULT_PURPOSE[task]}
         return data
+
+    @model_validator(mode="after")
+    def _central_noise_needs_secure_aggregation(self) -> Job:
+        if self.noise is NoisePlacement.CENTRAL and not self.secure_aggregation.enabled:
+            raise ValueError(
+                "noise = 'central' needs secure_aggregation: the BUs' clipped updates are noiseless "
+                "and must reach the coordinator only as a sum (add --secure-aggregation)"
+            )
+        return self
 
     @property
     def feature_spec(self) -> FeatureSpec:

@@ -84,3 +84,17 @@ def calibrate_noise_multiplier(
         if math.isclose(low, high, rel_tol=1e-12):
             break
     return high
+
+
+def central_noise_multiplier(target_epsilon: float, delta: float, rounds: int) -> float:
+    """Central placement: the multiplier z of the Gaussian noise (std z x sensitivity) the
+    coordinator adds to each round's sum so that `rounds` rounds, every BU taking part in each
+    (no sampling), spend at most `target_epsilon` at `delta`."""
+    return calibrate_noise_multiplier(target_epsilon, delta, 1.0, rounds)
+
+
+def central_noise_std(noise_multiplier: float, clip_norm: float) -> float:
+    """Central placement: standard deviation of the noise on a round's sum, z x sensitivity with
+    sensitivity 2C (a customer added or removed moves one BU's clipped update anywhere in its
+    C-ball)."""
+    return noise_multiplier * 2 * clip_norm

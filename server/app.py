@@ -21,12 +21,15 @@ from flwr.server.strategy import FedAvg
 from flwr.serverapp import Grid, ServerApp
 
 from federation.features import FeatureSpec, resolve_feature_spec
-from federation.job import Job, Task
+from federation.job import Job, NoisePlacement, Task
 from federation.models import build_model, set_parameters
+from privacy.accounting import central_noise_multiplier
 from privacy.atomic import write_atomic
 from privacy.errors import ConfigurationError
+from privacy.samplers import SecureSource, SeededSource
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.artefacts import new_run_id, publish, staging_dir
+from server.central import CentralGaussianNoise
 from server.report import build_report, render_html
 from server.run import RunPlan, RunRecord
 from server.secure_aggregation import secure_workflows
@@ -42,6 +45,15 @@ def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
     inner = FedAvg(
         fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=units, min_available_clients=units
     )
+    job = plan.job
+    if job.noise is NoisePlacement.CENTRAL:
+        source = SecureSource() if plan.seed is None else SeededSource(plan.seed)
+        inner = CentralGaussianNoise(
+            inner,
+            clip_norm=job.training.clip_norm,
+            noise_multiplier=central_noise_multiplier(job.epsilon, job.delta, job.rounds),
+            source=source,
+        )
     strategy = FederatedRounds(inner, record)
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=plan.job.rounds), strategy=strategy

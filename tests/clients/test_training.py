@@ -157,3 +157,32 @@ def test_a_round_that_would_exceed_the_target_is_refused_before_training(
     assert "above the job's 1.0" in refusal_of(metrics).reason
     with UnitHome(node.home, UnitConfig.load(node.bu_config)).ledger() as ledger:
         assert ledger.epsilon(job.delta, run_id="run-1") == spent  # nothing recorded for round 2
+
+
+def test_under_central_noise_a_unit_sends_a_clipped_update_and_records_a_gaussian(
+    small_silos: Path, tmp_path: Path
+) -> None:
+    from federation.job import NoisePlacement, SecureAggregation
+    from privacy.accounting import central_noise_multiplier
+    from privacy.ledger import GaussianEvent
+
+    job = Job(
+        rounds=4,
+        epsilon=2.0,
+        noise=NoisePlacement.CENTRAL,
+        secure_aggregation=SecureAggregation(enabled=True),
+        features=resolve_feature_spec("churn", [unit_schema("x")]),
+    )
+    node = _node(small_silos, tmp_path)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    update, weight, metrics = BusinessUnitClient(node, context).fit(
+        initial_parameters(job.task, job.feature_spec.dim), _instruction(Phase.TRAIN, 1, job)
+    )
+    norm = float(np.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in update)))
+    assert weight == 1 and norm <= job.training.clip_norm * (1 + 1e-6)
+    report = UnitReport.from_metrics(metrics)
+    z = central_noise_multiplier(2.0, job.delta, 4)
+    assert (report.noise_multiplier, report.sample_rate, report.steps) == (z, 1.0, 1)
+    with UnitHome(node.home, UnitConfig.load(node.bu_config)).ledger() as ledger:
+        (entry,) = ledger.entries(run_id="run-1")
+    assert entry.event == GaussianEvent(sigma=2 * z * job.training.clip_norm, sensitivity=2.0)
