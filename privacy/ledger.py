@@ -36,7 +36,7 @@ from pathlib import Path
 from privacy.accounting import DpSgdEvent, dp_sgd_epsilon
 from privacy.errors import ConfigurationError, RefusedByUnit
 from privacy.lineage import iso_utc
-from privacy.store import SqliteState, open_store, transaction
+from privacy.store import SqliteState, open_unit_store, transaction
 
 BUDGET_COMMAND = "[privacy] budget or purpose_budgets in the unit's bu.toml"
 
@@ -170,20 +170,9 @@ class PrivacyLedger(SqliteState):
         path = Path(path)
         if not unit:
             raise ConfigurationError(f"privacy ledger {path}: a ledger needs a unit name.")
-        connection = open_store(path, _MIGRATIONS, name="privacy ledger")
-        try:
-            with transaction(connection):
-                row = connection.execute("SELECT unit FROM ledger").fetchone()
-                if row is None:
-                    connection.execute("INSERT INTO ledger (unit) VALUES (?)", (unit,))
-                elif row[0] != unit:
-                    raise ConfigurationError(
-                        f"privacy ledger {path} belongs to unit '{row[0]}', not '{unit}'; "
-                        "check the home directory in the BU's bu.toml."
-                    )
-        except BaseException:
-            connection.close()
-            raise
+        connection = open_unit_store(
+            path, _MIGRATIONS, name="privacy ledger", unit=unit, owner_table="ledger"
+        )
         return cls(connection, path, unit)
 
     # --- events ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from privacy.consent import CONSENT_COLUMNS, GUARDIAN_COLUMN, ConsentDecision, c
 from privacy.errors import ConfigurationError, ConsentMissing
 from privacy.lineage import iso_utc
 from privacy.pseudonyms import customer_digest
-from privacy.store import SqliteState, open_store, transaction
+from privacy.store import SqliteState, open_unit_store, transaction
 
 IMPORT_COMMAND = "silofed consent import --bu-config BU.toml FILE"
 EVENT_COLUMNS = (*CONSENT_COLUMNS[:3], GUARDIAN_COLUMN, CONSENT_COLUMNS[3])
@@ -81,20 +81,9 @@ class ConsentRegistry(SqliteState):
         """Open the registry at `path` (e.g. `home / "consent.sqlite"`), creating it if missing.
         A registry belongs to one unit: opening another unit's file is refused."""
         path = Path(path)
-        connection = open_store(path, _MIGRATIONS, name="consent registry")
-        try:
-            with transaction(connection):
-                row = connection.execute("SELECT unit FROM registry").fetchone()
-                if row is None:
-                    connection.execute("INSERT INTO registry (unit) VALUES (?)", (unit,))
-                elif row[0] != unit:
-                    raise ConfigurationError(
-                        f"consent registry {path} belongs to unit '{row[0]}', not '{unit}'; "
-                        "check the home directory in the BU's bu.toml."
-                    )
-        except BaseException:
-            connection.close()
-            raise
+        connection = open_unit_store(
+            path, _MIGRATIONS, name="consent registry", unit=unit, owner_table="registry"
+        )
         return cls(connection, path, unit)
 
     # --- import ------------------------------------------------------------------------------

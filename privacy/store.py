@@ -153,3 +153,25 @@ class SqliteState:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def open_unit_store(
+    path: Path, migrations: Sequence[str], *, name: str, unit: str, owner_table: str
+) -> sqlite3.Connection:
+    """`open_store` for state that belongs to one BU: the first opener's unit is written to
+    `owner_table` (a one-column `unit` table of the schema); another unit's file is refused."""
+    connection = open_store(path, migrations, name=name)
+    try:
+        with transaction(connection):
+            row = connection.execute(f"SELECT unit FROM {owner_table}").fetchone()
+            if row is None:
+                connection.execute(f"INSERT INTO {owner_table} (unit) VALUES (?)", (unit,))
+            elif row[0] != unit:
+                raise ConfigurationError(
+                    f"{name} {path} belongs to unit '{row[0]}', not '{unit}'; "
+                    "check the home directory in the BU's bu.toml."
+                )
+    except BaseException:
+        connection.close()
+        raise
+    return connection
