@@ -186,3 +186,30 @@ def test_under_central_noise_a_unit_sends_a_clipped_update_and_records_a_gaussia
     with UnitHome(node.home, UnitConfig.load(node.bu_config)).ledger() as ledger:
         (entry,) = ledger.entries(run_id="run-1")
     assert entry.event == GaussianEvent(sigma=2 * z * job.training.clip_norm, sensitivity=2.0)
+
+
+def test_zero_gradients_through_local_dp_sgd_carry_exactly_the_configured_noise() -> None:
+    """Local placement: with every per-customer gradient zero, one DP-SGD step moves each of
+    100,000 parameters by Gaussian noise of std sigma x C / expected batch size."""
+    dim, batch, sigma, clip = 100_000, 64, 1.7, 0.8
+    features = np.zeros((batch, dim), dtype=np.float32)
+    labels = np.full(batch, 0.5, dtype=np.float32)  # BCE gradient at logit 0 is exactly zero
+    training = Training(
+        expected_batch_size=batch, local_epochs=1, learning_rate=1.0, momentum=0.0, clip_norm=clip
+    )
+    model = build_model(Job().task, dim)
+    update = train_dp_sgd(
+        model,
+        initial_parameters(Job().task, dim),
+        features,
+        labels,
+        training,
+        sigma,
+        (),
+        entropy_generator(3),
+    )
+    assert update.steps == 1 and update.history == (DpSgdEvent(sigma, 1.0, 1),)
+    weights = update.parameters[0].ravel().astype(np.float64)
+    expected = sigma * clip / batch
+    assert abs(weights.std() / expected - 1) < 0.03
+    assert abs(weights.mean()) < 5 * expected / np.sqrt(dim)
