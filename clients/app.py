@@ -27,21 +27,31 @@ from clients.budget import admit, check_round_not_answered, run_history
 from clients.mods import secure_aggregation_mod
 from clients.pipeline import PreparedUnit, UnitKeys, prepare_unit
 from clients.silo import load_silo
-from clients.training import entropy_generator, local_plan, train_clipped_update, train_dp_sgd
+from clients.training import (
+    conditional_round,
+    entropy_generator,
+    local_plan,
+    train_clipped_update,
+    train_dp_sgd,
+)
 from federation.evaluation import EVALUATION_RANGE, ScoreSummary
 from federation.job import NoisePlacement
 from federation.models import build_model, predict_proba, set_parameters
+from federation.secagg import grid_scale, shares_and_threshold
 from federation.wire import UNIT_KEY, DroppedColumn, Instruction, Phase, Refusal, UnitReport
 from privacy.accounting import (
+    DistributedPlan,
     DpSgdEvent,
     calibrate_noise_multiplier,
     central_noise_multiplier,
     central_noise_std,
+    distributed_plan,
     dp_sgd_epsilon,
 )
 from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed
 from privacy.home import UnitHome
 from privacy.ledger import GaussianEvent, PrivacyEvent, PrivacyLedger
+from privacy.samplers import SecureSource, SeededSource, discrete_gaussian
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 
 STATE_KEY = "silofed.dp_sgd"
@@ -55,6 +65,11 @@ class Node:
     bu_config: Path
     home: Path | None
     simulated: bool
+
+
+def _split(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
+    sizes = np.cumsum([a.size for a in like])[:-1]
+    return [part.reshape(a.shape) for part, a in zip(np.split(flat, sizes), like, strict=True)]
 
 
 def check_secure_range(arrays: list[np.ndarray], bound: float, *, what: str) -> None:
@@ -148,7 +163,18 @@ class BusinessUnitClient(NumPyClient):
         check_round_not_answered(ledger, instruction.run_id, job.purpose, instruction.server_round)
         history = run_history(ledger, instruction.run_id, job.purpose)
         central = job.noise is NoisePlacement.CENTRAL
-        if central:
+        distributed = job.noise is NoisePlacement.DISTRIBUTED
+        if distributed:
+            # Each BU adds a share of the noise, calibrated for SecAgg+'s threshold t (and the
+            # stated number of colluding BUs): any sum SecAgg+ completes carries the full noise.
+            shares_plan = self._distributed_plan(job, instruction)
+            noise_multiplier = shares_plan.noise_multiplier
+            planned = GaussianEvent(
+                sigma=shares_plan.total_std / shares_plan.scale,
+                sensitivity=shares_plan.sensitivity / shares_plan.scale,
+            )
+            sample_rate = 1.0
+        elif central:
             # The coordinator adds noise of std z x 2C to the sum, every BU in every round: a
             # Gaussian mechanism per round, no sampling. z follows from the public job alone.
             clip = job.training.clip_norm
@@ -186,10 +212,12 @@ class BusinessUnitClient(NumPyClient):
             )
         model = build_model(job.task, job.feature_spec.dim)
         features, labels = prepared.train.features, prepared.train.labels
-        if central:
+        if central or distributed:
             reply, _ = train_clipped_update(
                 model, parameters, features, labels, job.training, entropy_generator(seed)
             )
+            if distributed:
+                reply = self._with_noise_share(reply, shares_plan, seed)
             released: PrivacyEvent = planned
         else:
             update = train_dp_sgd(
@@ -234,6 +262,34 @@ class BusinessUnitClient(NumPyClient):
             )
             return reply, 1, report.to_metrics()  # uniform FedAvg weights under SecAgg+
         return reply, records, report.to_metrics()
+
+    @staticmethod
+    def _distributed_plan(job, instruction: Instruction) -> DistributedPlan:
+        _, threshold = shares_and_threshold(instruction.units)
+        return distributed_plan(
+            job.epsilon,
+            job.delta,
+            job.rounds,
+            clip_norm=job.training.clip_norm,
+            dimension=sum(
+                t.numel() for t in build_model(job.task, job.feature_spec.dim).parameters()
+            ),
+            scale=grid_scale(job.secure_aggregation),
+            threshold=threshold,
+            colluding=job.secure_aggregation.colluding,
+        )
+
+    @staticmethod
+    def _with_noise_share(update: list[np.ndarray], plan: DistributedPlan, seed: int | None):
+        """The clipped update on SecAgg+'s grid plus this BU's integer noise share, as values
+        Flower's quantisation maps back to exactly these integers."""
+        flat = np.concatenate([u.ravel().astype(np.float64) for u in update])
+        rng = np.random.default_rng(seed)
+        rounded = conditional_round(flat * plan.scale, plan.l2_bound, rng)
+        source = SecureSource() if seed is None else SeededSource(seed)
+        share = discrete_gaussian(plan.share_std, flat.size, source)
+        on_grid = ((rounded + share).astype(np.float64) / plan.scale).astype(np.float32)
+        return _split(on_grid, update)
 
 
 def resolve_node(context: Context, nodes: Sequence[Node] | None) -> Node:

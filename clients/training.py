@@ -158,3 +158,16 @@ def clip_update(update: list[np.ndarray], clip_norm: float) -> list[np.ndarray]:
     norm = float(np.sqrt(sum(float(np.sum(u * u)) for u in update)))
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return [(u * scale).astype(np.float32) for u in update]
+
+
+def conditional_round(values: np.ndarray, bound: float, rng: np.random.Generator) -> np.ndarray:
+    """Randomized rounding of `values` (grid units) to integers, repeated until the result's L2
+    norm is within `bound` (Kairouz, Liu & Steinke 2021, conditional randomized rounding): unbiased
+    before the condition, and the norm bound the noise is calibrated for always holds."""
+    floor = np.floor(values)
+    fraction = values - floor
+    for _ in range(1000):
+        rounded = floor + (rng.random(values.shape) < fraction)
+        if float(np.sqrt(np.sum(rounded * rounded))) <= bound:
+            return rounded.astype(np.int64)
+    raise RuntimeError("conditional rounding did not meet its norm bound in 1,000 tries")

@@ -72,7 +72,7 @@ def simulate(
     noise: Annotated[
         str,
         typer.Option(
-            help="noise placement: local (DP-SGD in each BU) or central (needs --secure-aggregation)"
+            help="noise placement: local (DP-SGD in each BU), central or distributed (both need --secure-aggregation)"
         ),
     ] = "local",
     fault: Annotated[

@@ -22,6 +22,7 @@ class NoisePlacement(StrEnum):
 
     LOCAL = "local"  # DP-SGD inside each BU: holds against the coordinator without any trust
     CENTRAL = "central"  # BUs clip their updates, send under SecAgg+; the coordinator adds noise
+    DISTRIBUTED = "distributed"  # each BU adds a share of integer noise; only the sum is noised
 
 
 class Task(StrEnum):
@@ -64,6 +65,9 @@ class SecureAggregation(_Frozen):
     clipping_range: float = Field(32.0, gt=0)
     quantization_range: int = Field(2**22, ge=2**8, le=2**24)
     timeout: float = Field(300.0, gt=0, description="seconds each SecAgg+ stage waits for replies")
+    colluding: int = Field(
+        0, ge=0, description="distributed noise: BUs assumed to collude with the coordinator"
+    )
 
 
 class Job(_Frozen):
@@ -97,10 +101,11 @@ class Job(_Frozen):
 
     @model_validator(mode="after")
     def _central_noise_needs_secure_aggregation(self) -> Job:
-        if self.noise is NoisePlacement.CENTRAL and not self.secure_aggregation.enabled:
+        if self.noise is not NoisePlacement.LOCAL and not self.secure_aggregation.enabled:
             raise ValueError(
-                "noise = 'central' needs secure_aggregation: the BUs' clipped updates are noiseless "
-                "and must reach the coordinator only as a sum (add --secure-aggregation)"
+                f"noise = '{self.noise}' needs secure_aggregation: a BU's clipped update is not "
+                "private on its own and must reach the coordinator only as a sum "
+                "(add --secure-aggregation)"
             )
         return self
 

@@ -36,6 +36,7 @@ class Instruction:
     started_at: datetime
     job: Job
     seed: int | None = None  # simulation only; a deployment refuses it
+    units: int = 0  # the number of BUs the coordinator plans the run with (public)
 
     def to_config(self) -> dict[str, int | float | str | bool]:
         return {
@@ -45,6 +46,7 @@ class Instruction:
             _PREFIX + "started_at": self.started_at.isoformat(),
             _PREFIX + "job": self.job.model_dump_json(),
             _PREFIX + "seed": -1 if self.seed is None else self.seed,
+            _PREFIX + "units": self.units,
         }
 
     @classmethod
@@ -58,6 +60,7 @@ class Instruction:
                 started_at=datetime.fromisoformat(str(config[_PREFIX + "started_at"])),
                 job=Job.model_validate_json(config[_PREFIX + "job"]),
                 seed=None if seed < 0 else seed,
+                units=int(config.get(_PREFIX + "units", 0)),
             )
         except (KeyError, ValueError, ValidationError) as err:
             raise RunFailed(

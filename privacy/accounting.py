@@ -98,3 +98,59 @@ def central_noise_std(noise_multiplier: float, clip_norm: float) -> float:
     sensitivity 2C (a customer added or removed moves one BU's clipped update anywhere in its
     C-ball)."""
     return noise_multiplier * 2 * clip_norm
+
+
+@dataclass(frozen=True)
+class DistributedPlan:
+    """The distributed discrete Gaussian of one job (Kairouz, Liu & Steinke, ICML 2021), in grid
+    units (one grid step = 1 / `scale` in parameter units)."""
+
+    scale: float  # grid steps per parameter unit: SecAgg+'s quantisation grid
+    l2_bound: float  # bound on the L2 norm of a BU's rounded, clipped update
+    noise_multiplier: float  # z: total noise std / customer-level sensitivity (2 x l2_bound)
+    total_std: float  # what the shares of (threshold - colluding) honest BUs sum to, at least
+    share_std: float  # each BU's share
+
+    @property
+    def sensitivity(self) -> float:
+        return 2 * self.l2_bound
+
+
+def distributed_plan(
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    *,
+    clip_norm: float,
+    dimension: int,
+    scale: float,
+    threshold: int,
+    colluding: int,
+) -> DistributedPlan:
+    """Shares calibrated from the start for the reconstruction threshold t: any sum of at least t
+    BUs' replies, of which at most `colluding` BUs reveal their own shares to the coordinator,
+    carries noise of at least `total_std`, so every run that SecAgg+ completes meets the target.
+
+    The rounded update's norm bound is that of conditional randomized rounding (KLS 2021, Sec. 4,
+    with beta = exp(-1/2)); the total noise is accounted as a Gaussian of that std per round.
+    The distance between the sum of t discrete Gaussians and one discrete Gaussian (their tau,
+    below 10 x sum_k exp(-2 pi^2 sigma^2 k/(k+1))) vanishes for the share stds used here (>= 4
+    grid steps, refused below), and is not added."""
+    if not 0 <= colluding < threshold:
+        raise ConfigurationError(
+            f"colluding BUs ({colluding}) must be fewer than the reconstruction threshold ({threshold})"
+        )
+    c = scale * clip_norm
+    beta = math.exp(-0.5)
+    l2_bound = math.sqrt(
+        c * c + dimension / 4 + math.sqrt(2 * math.log(1 / beta)) * (c + math.sqrt(dimension) / 2)
+    )
+    z = central_noise_multiplier(target_epsilon, delta, rounds)
+    total = z * 2 * l2_bound
+    share = total / math.sqrt(threshold - colluding)
+    if share < 4:
+        raise ConfigurationError(
+            f"each BU's noise share would be {share:.3g} grid steps; refine the grid "
+            "(secure_aggregation.quantization_range) so that shares are at least 4 steps"
+        )
+    return DistributedPlan(scale, l2_bound, z, total, share)

@@ -29,7 +29,7 @@ from privacy.errors import ConfigurationError
 from privacy.samplers import SecureSource, SeededSource
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.artefacts import new_run_id, publish, staging_dir
-from server.central import CentralGaussianNoise
+from server.noise import AppliedUpdates, CentralGaussianNoise
 from server.report import build_report, render_html
 from server.run import RunPlan, RunRecord
 from server.secure_aggregation import secure_workflows
@@ -46,7 +46,9 @@ def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
         fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=units, min_available_clients=units
     )
     job = plan.job
-    if job.noise is NoisePlacement.CENTRAL:
+    if job.noise is NoisePlacement.DISTRIBUTED:
+        inner = AppliedUpdates(inner)  # the BUs' noise shares are inside the secure sum
+    elif job.noise is NoisePlacement.CENTRAL:
         source = SecureSource() if plan.seed is None else SeededSource(plan.seed)
         inner = CentralGaussianNoise(
             inner,

@@ -100,6 +100,9 @@ def build_report(record: RunRecord) -> dict:
                 "central Gaussian: BU updates clipped to the norm C, summed under SecAgg+, exact "
                 "discrete Gaussian noise of std 2zC added by the coordinator"
                 if job.noise.value == "central"
+                else "distributed discrete Gaussian: BU updates clipped to the norm C, rounded onto "
+                "SecAgg+'s grid, plus each BU's discrete Gaussian share, summed under SecAgg+"
+                if job.noise.value == "distributed"
                 else "DP-SGD (Opacus): Poisson sampling, per-customer clipping, Gaussian noise"
             ),
             "noise_placement": job.noise.value,
@@ -173,6 +176,15 @@ def build_report(record: RunRecord) -> dict:
 
 
 def _guarantees(job, reports) -> list[str]:
+    if job.noise.value == "distributed":
+        return [
+            f"Each BU's customers get ({r.epsilon:.3f}, {job.delta:g})-DP over this run from the "
+            "noise shares the BUs add themselves (distributed discrete Gaussian), provided SecAgg+ "
+            "completes (it refuses to with fewer BUs than its threshold) and at most "
+            f"{job.secure_aggregation.colluding} BU(s) reveal their shares to the coordinator; "
+            "the coordinator saw only the noisy sum."
+            for r in reports
+        ]
     if job.noise.value == "central":
         from privacy.accounting import DpSgdEvent, central_noise_multiplier, dp_sgd_epsilon
 
@@ -197,7 +209,7 @@ def _guarantees(job, reports) -> list[str]:
 def _threshold(plan) -> dict | None:
     if not plan.job.secure_aggregation.enabled:
         return None
-    from server.secure_aggregation import shares_and_threshold
+    from federation.secagg import shares_and_threshold
 
     shares, threshold = shares_and_threshold(plan.expected_units)
     return {"shares": shares, "threshold": threshold, "units": plan.expected_units}

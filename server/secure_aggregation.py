@@ -14,19 +14,11 @@ from flwr.server.workflow import SecAggPlusWorkflow
 
 from federation.evaluation import EVALUATION_RANGE
 from federation.job import SecureAggregation
+from federation.secagg import shares_and_threshold
 from federation.wire import Phase
 from privacy.errors import ConfigurationError
 
 MODULUS_RANGE = 2**32
-
-
-def shares_and_threshold(units: int) -> tuple[int, int]:
-    if units < 3:
-        raise ConfigurationError(
-            f"secure aggregation needs at least 3 BUs (this job has {units}): with two, each BU "
-            "could subtract its own reply from the sum and learn the other's"
-        )
-    return units, min(units - 1, (2 * units) // 3 + 1)
 
 
 def secure_workflows(units: int, config: SecureAggregation) -> dict[Phase, SecAggPlusWorkflow]:

@@ -52,6 +52,7 @@ class FederatedRounds(Strategy):
             started_at=self._plan.started_at,
             job=self._plan.job,
             seed=self._plan.seed,
+            units=self._plan.expected_units,
         ).to_config()
 
     def configure_fit(

@@ -23,10 +23,11 @@ from federation.evaluation import ScoreSummary
 from federation.features import resolve_feature_spec
 from federation.job import Job, SecureAggregation
 from federation.models import initial_parameters
+from federation.secagg import shares_and_threshold
 from federation.wire import UNIT_KEY, Instruction, Phase
 from privacy.errors import ConfigurationError, RunFailed
 from server.run import RunPlan, RunRecord
-from server.secure_aggregation import secure_workflows, shares_and_threshold
+from server.secure_aggregation import secure_workflows
 from server.strategy import FederatedRounds
 from simulations.synthetic import unit_schema
 from tests.server.test_strategy import Proxy

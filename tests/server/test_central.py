@@ -19,7 +19,7 @@ from privacy.accounting import (
 )
 from privacy.ledger import GaussianEvent
 from privacy.samplers import SeededSource
-from server.central import CentralGaussianNoise
+from server.noise import CentralGaussianNoise
 from tests.server.test_strategy import Proxy, SumPlusOne
 
 

@@ -1,4 +1,8 @@
-"""Central noise placement: the coordinator adds the noise (DESIGN.md, Guarantees 3, `central`).
+"""Model updates applied to the global model, and the coordinator's noise for the `central` placement
+(DESIGN.md, Guarantees 3).
+
+Under `central` and `distributed` placements the BUs send clipped model *updates*; `AppliedUpdates`
+adds the aggregated update to the global model. `CentralGaussianNoise` also adds the noise:
 
 A strategy wrapper in the spirit of Flower's `DifferentialPrivacyClientSideFixedClipping`: the BUs
 clip their model updates to L2 norm C and send them under SecAgg+; the wrapped strategy averages the
@@ -26,25 +30,20 @@ from privacy.samplers import RandomSource, discrete_gaussian
 GRID_STEPS_PER_STD = 1024
 
 
-class CentralGaussianNoise(Strategy):
-    def __init__(
-        self, inner: Strategy, *, clip_norm: float, noise_multiplier: float, source: RandomSource
-    ) -> None:
+class AppliedUpdates(Strategy):
+    """The replies are model updates; the wrapped strategy averages them (uniform weights under
+    SecAgg+); the result is the global model plus (the sum of the updates + `noise_on_sum`) / the
+    number of BUs. Under `distributed` the BUs' noise shares are already inside the sum."""
+
+    def __init__(self, inner: Strategy) -> None:
         self.inner = inner
-        self.clip_norm = clip_norm
-        self.noise_multiplier = noise_multiplier
-        self.source = source
         self._global: list[np.ndarray] | None = None
 
     def __repr__(self) -> str:
-        return f"CentralGaussianNoise({self.inner!r}, z={self.noise_multiplier:.4f}, C={self.clip_norm})"
+        return f"{type(self).__name__}({self.inner!r})"
 
-    def noise(self, shape: tuple[int, ...]) -> np.ndarray:
-        std = central_noise_std(self.noise_multiplier, self.clip_norm)
-        grid = std / GRID_STEPS_PER_STD
-        size = int(np.prod(shape))
-        draws = discrete_gaussian(GRID_STEPS_PER_STD, size, self.source)
-        return (draws.astype(np.float64) * grid).reshape(shape)
+    def noise_on_sum(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape)
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return self.inner.initialize_parameters(client_manager)
@@ -68,7 +67,8 @@ class CentralGaussianNoise(Strategy):
             return None, metrics
         units = len(results)
         noisy_sums = [
-            m.astype(np.float64) * units + self.noise(m.shape) for m in parameters_to_ndarrays(mean)
+            m.astype(np.float64) * units + self.noise_on_sum(m.shape)
+            for m in parameters_to_ndarrays(mean)
         ]
         updated = [
             (g.astype(np.float64) + s / units).astype(np.float32)
@@ -84,3 +84,23 @@ class CentralGaussianNoise(Strategy):
 
     def evaluate(self, server_round, parameters):
         return self.inner.evaluate(server_round, parameters)
+
+
+class CentralGaussianNoise(AppliedUpdates):
+    def __init__(
+        self, inner: Strategy, *, clip_norm: float, noise_multiplier: float, source: RandomSource
+    ) -> None:
+        super().__init__(inner)
+        self.clip_norm = clip_norm
+        self.noise_multiplier = noise_multiplier
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"CentralGaussianNoise({self.inner!r}, z={self.noise_multiplier:.4f}, C={self.clip_norm})"
+
+    def noise_on_sum(self, shape: tuple[int, ...]) -> np.ndarray:
+        std = central_noise_std(self.noise_multiplier, self.clip_norm)
+        grid = std / GRID_STEPS_PER_STD
+        size = int(np.prod(shape))
+        draws = discrete_gaussian(GRID_STEPS_PER_STD, size, self.source)
+        return (draws.astype(np.float64) * grid).reshape(shape)

@@ -1,0 +1,90 @@
+"""The distributed placement: integer noise shares on SecAgg+'s grid, calibrated for its threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+from clients.app import BusinessUnitClient
+from clients.training import conditional_round
+from federation.job import SecureAggregation
+from federation.secagg import grid_scale, shares_and_threshold
+from privacy.accounting import DpSgdEvent, distributed_plan, dp_sgd_epsilon
+from privacy.errors import ConfigurationError
+
+SECURE = SecureAggregation(enabled=True)
+DIM = 100_000
+
+
+def _plan(units: int = 10, colluding: int = 0, dimension: int = DIM):
+    _, threshold = shares_and_threshold(units)
+    return distributed_plan(
+        3.0,
+        1e-6,
+        5,
+        clip_norm=1.0,
+        dimension=dimension,
+        scale=grid_scale(SECURE),
+        threshold=threshold,
+        colluding=colluding,
+    )
+
+
+def test_the_shares_of_threshold_many_units_carry_exactly_the_configured_noise() -> None:
+    plan = _plan(units=10)  # threshold 7
+    zeros = [np.zeros(DIM, dtype=np.float32)]
+    shares = [
+        BusinessUnitClient._with_noise_share(zeros, plan, seed)[0].astype(np.float64) * plan.scale
+        for seed in range(7)
+    ]
+    total = np.sum(shares, axis=0)
+    assert np.array_equal(total, np.round(total))  # integers on the grid
+    assert abs(total.std() / plan.total_std - 1) < 0.03
+    assert abs(total.mean()) < 5 * plan.total_std / np.sqrt(DIM)
+
+
+def test_flowers_quantisation_maps_the_grid_exactly() -> None:
+    plan = _plan(units=5, dimension=200)
+    rng = np.random.default_rng(0)
+    update = [rng.normal(0, 0.01, size=200).astype(np.float32)]
+    replies = [BusinessUnitClient._with_noise_share(update, plan, seed) for seed in range(5)]
+    integers = [np.round(r[0].astype(np.float64) * plan.scale) for r in replies]
+    q, c = SECURE.quantization_range, SECURE.clipping_range
+    for reply, ints in zip(replies, integers, strict=True):
+        (quantised,) = quantize(reply, c, q)
+        np.testing.assert_array_equal(quantised, ints + q // 2)  # integers in ...
+        (back,) = dequantize([quantised], c, q)
+        np.testing.assert_array_equal(np.round(back * plan.scale), ints)  # ... same integers out
+
+
+def test_thirty_percent_of_units_dropping_still_meets_the_target() -> None:
+    units = 10
+    _, threshold = shares_and_threshold(units)
+    survivors = units - 3
+    assert survivors >= threshold  # SecAgg+ completes
+    plan = _plan(units=units)
+    noise_of_survivors = np.sqrt(survivors) * plan.share_std
+    assert noise_of_survivors >= plan.total_std * (1 - 1e-12)
+    per_round = DpSgdEvent(noise_of_survivors / plan.sensitivity, 1.0, 1)
+    assert dp_sgd_epsilon([per_round] * 5, 1e-6) <= 3.0  # the ledger's Gaussian events hold
+    exact = DpSgdEvent(plan.noise_multiplier, 1.0, 5)
+    assert 0.95 * 3.0 <= dp_sgd_epsilon([exact], 1e-6) <= 3.0
+
+
+def test_colluding_units_raise_every_share() -> None:
+    honest, wary = _plan(units=10), _plan(units=10, colluding=2)
+    assert wary.share_std == pytest.approx(honest.share_std * np.sqrt(7 / 5))
+    with pytest.raises(ConfigurationError, match="fewer than the reconstruction threshold"):
+        _plan(units=10, colluding=7)
+
+
+def test_conditional_rounding_is_unbiased_and_keeps_its_norm_bound() -> None:
+    rng = np.random.default_rng(3)
+    values = np.full(50, 0.25)
+    plan_bound = np.sqrt(
+        0.25**2 * 50 + 50 / 4 + np.sqrt(1.0) * (np.sqrt(0.25**2 * 50) + np.sqrt(50) / 2)
+    )
+    draws = np.array([conditional_round(values, plan_bound, rng) for _ in range(400)])
+    assert (np.sqrt((draws.astype(float) ** 2).sum(axis=1)) <= plan_bound).all()
+    assert abs(draws.mean() - 0.25) < 0.03
