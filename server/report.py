@@ -184,26 +184,33 @@ def _guarantees(job, reports) -> list[str]:
             f"{job.secure_aggregation.colluding} BU(s) reveal their shares to the coordinator; "
             "the coordinator saw only the noisy sum."
             for r in reports
-        ]
+        ] + [_unit_level(job)]
     if job.noise.value == "central":
-        from privacy.accounting import DpSgdEvent, central_noise_multiplier, dp_sgd_epsilon
-
-        z = central_noise_multiplier(job.epsilon, job.delta, job.rounds)
-        unit_level = dp_sgd_epsilon([DpSgdEvent(2 * z, 1.0, job.rounds)], job.delta)
         return [
             f"Record level: each BU's customers get ({r.epsilon:.3f}, {job.delta:g})-DP over this "
             "run, trusting the coordinator to add the noise (central placement: the coordinator "
             "saw the exact sum of the BUs' clipped updates before adding it)."
             for r in reports
-        ] + [
-            f"BU level: the released models are ({unit_level:.3f}, {job.delta:g})-DP with respect "
-            "to any one BU's whole contribution (sensitivity C), under the same trust."
-        ]
+        ] + [_unit_level(job) + " Under the same trust."]
     return [
         f"Each BU's model updates are ({r.epsilon:.3f}, {job.delta:g})-DP for its customers "
         "over this run (local noise; holds without trusting the coordinator)."
         for r in reports
+    ] + [
+        "BU level: local DP-SGD bounds each customer's influence, not a whole BU's; a BU's "
+        "participation is protected only by group privacy over its customers."
     ]
+
+
+def _unit_level(job) -> str:
+    from privacy.accounting import DpSgdEvent, central_noise_multiplier, dp_sgd_epsilon
+
+    z = central_noise_multiplier(job.epsilon, job.delta, job.rounds)
+    unit_level = dp_sgd_epsilon([DpSgdEvent(2 * z, 1.0, job.rounds)], job.delta)
+    return (
+        f"BU level: the released models are ({unit_level:.3f}, {job.delta:g})-DP with respect to "
+        "any one BU's whole contribution (sensitivity C instead of 2C)."
+    )
 
 
 def _threshold(plan) -> dict | None:

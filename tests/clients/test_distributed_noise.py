@@ -88,3 +88,56 @@ def test_conditional_rounding_is_unbiased_and_keeps_its_norm_bound() -> None:
     draws = np.array([conditional_round(values, plan_bound, rng) for _ in range(400)])
     assert (np.sqrt((draws.astype(float) ** 2).sum(axis=1)) <= plan_bound).all()
     assert abs(draws.mean() - 0.25) < 0.03
+
+
+def test_a_unit_records_the_total_noise_it_is_calibrated_for(small_silos, tmp_path) -> None:
+    from datetime import UTC, datetime
+
+    from flwr.app import Context, RecordDict
+
+    from clients.app import Node
+    from clients.steward import prepare_simulated_home
+    from federation.features import resolve_feature_spec
+    from federation.job import Job, NoisePlacement
+    from federation.models import initial_parameters
+    from federation.wire import Instruction, Phase, UnitReport
+    from privacy.home import UnitHome
+    from privacy.ledger import GaussianEvent
+    from privacy.unit_config import UnitConfig
+    from simulations.synthetic import unit_schema
+
+    job = Job(
+        rounds=5,
+        epsilon=3.0,
+        noise=NoisePlacement.DISTRIBUTED,
+        secure_aggregation=SECURE,
+        features=resolve_feature_spec("churn", [unit_schema("x")]),
+    )
+    bu_config = small_silos / "ecommerce" / "bu.toml"
+    home = prepare_simulated_home(UnitConfig.load(bu_config), tmp_path / "home")
+    instruction = Instruction(
+        phase=Phase.TRAIN,
+        server_round=1,
+        run_id="run-1",
+        started_at=datetime(2026, 6, 1, tzinfo=UTC),
+        job=job,
+        seed=2,
+        units=10,
+    ).to_config()
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply, weight, metrics = BusinessUnitClient(Node(bu_config, home.directory, True), context).fit(
+        initial_parameters(job.task, job.feature_spec.dim), instruction
+    )
+    plan = _plan(units=10, dimension=job.feature_spec.dim + 1)
+    assert weight == 1
+    ints = np.concatenate([r.ravel() for r in reply]).astype(np.float64) * plan.scale
+    assert np.array_equal(ints, np.round(ints))  # on SecAgg+'s grid
+    with UnitHome(home.directory, UnitConfig.load(bu_config)).ledger() as ledger:
+        (entry,) = ledger.entries(run_id="run-1")
+    assert entry.event == GaussianEvent(
+        sigma=plan.total_std / plan.scale, sensitivity=plan.sensitivity / plan.scale
+    )
+    report = UnitReport.from_metrics(metrics)
+    assert report.epsilon == pytest.approx(
+        dp_sgd_epsilon([DpSgdEvent(plan.noise_multiplier, 1.0, 1)], 1e-6)
+    )
