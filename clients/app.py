@@ -84,9 +84,11 @@ def check_secure_range(arrays: list[np.ndarray], bound: float, *, what: str) -> 
 
 
 class BusinessUnitClient(NumPyClient):
-    def __init__(self, node: Node, context: Context) -> None:
+    """One BU's answers. All its state lives in its home (ledger, registry, lineage, keys), so a
+    client re-created every round, as Flower does, loses nothing."""
+
+    def __init__(self, node: Node) -> None:
         self.node = node
-        self.context = context
 
     def get_parameters(self, config):
         raise RunFailed("silofed's coordinator initialises the model; it never asks a BU for one")
@@ -99,13 +101,13 @@ class BusinessUnitClient(NumPyClient):
                 "production draws its noise from the operating system's entropy"
             )
         job = instruction.job
-        config = UnitConfig.load(self.node.bu_config)
-        home = UnitHome.of(config, self.node.home)
+        unit = UnitConfig.load(self.node.bu_config)
+        home = UnitHome.of(unit, self.node.home)
         try:
             # Before any data is read: the BU's own policy and budget decide.
-            admit(config, home, job, instruction.run_id, now=datetime.now(UTC))
-            keyring = home.keyring() if config.source.encrypted else None
-            silo = load_silo(config, keyring=keyring)
+            admit(unit, home, job, instruction.run_id, now=datetime.now(UTC))
+            keyring = home.keyring() if unit.source.encrypted else None
+            silo = load_silo(unit, keyring=keyring)
             with home.registry() as registry:
                 prepared = prepare_unit(
                     silo,
@@ -117,7 +119,7 @@ class BusinessUnitClient(NumPyClient):
                 )
             if len(prepared.train.labels) == 0:
                 raise RefusedByUnit(
-                    f"unit '{config.unit}' has no eligible customer for purpose '{job.purpose}' "
+                    f"unit '{unit.unit}' has no eligible customer for purpose '{job.purpose}' "
                     f"(excluded: {prepared.excluded}); it takes no part in this run"
                 )
             if instruction.phase is Phase.EVALUATE:
@@ -139,7 +141,7 @@ class BusinessUnitClient(NumPyClient):
                 # Under SecAgg+ a reply without the masked vector would break the protocol for
                 # everyone; the BU drops out instead, and SecAgg+ recovers from the dropout.
                 raise
-            return [], 0, Refusal(unit=config.unit, reason=str(refusal)).to_metrics()
+            return [], 0, Refusal(unit=unit.unit, reason=str(refusal)).to_metrics()
 
     def _evaluate(self, prepared: PreparedUnit, parameters, instruction: Instruction):
         job = instruction.job
@@ -338,7 +340,7 @@ def make_client_app(nodes: Sequence[Node] | None = None, *, mods: Sequence[Mod] 
 
     def client_fn(context: Context):
         torch.set_num_threads(1)  # one core per virtual node; 2-core machines thrash otherwise
-        return BusinessUnitClient(resolve_node(context, nodes), context).to_client()
+        return BusinessUnitClient(resolve_node(context, nodes)).to_client()
 
     # Extra mods (simulated faults) see the message first, as a broken node would.
     return ClientApp(client_fn=client_fn, mods=[*mods, secure_aggregation_mod])

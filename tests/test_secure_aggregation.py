@@ -88,9 +88,9 @@ def test_a_unit_never_answers_a_secure_job_in_plaintext() -> None:
         metadata=metadata,
         content=RecordDict({"fitins.config": ConfigRecord(instruction.to_config())}),
     )
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     called = []
     with pytest.raises(ConfigurationError, match="does not send its update unmasked"):
+        context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
         secure_aggregation_mod(msg, context, lambda m, c: called.append(m))
     assert called == []  # the client was never asked to compute
 
@@ -163,8 +163,7 @@ def test_secure_aggregation_end_to_end_equals_the_plaintext_aggregate(tmp_path: 
     updates = []
     for bu_config in sorted((out / "simulation" / "silos").glob("*/bu.toml")):
         node = Node(bu_config, out / "simulation" / "homes" / bu_config.parent.name, True)
-        context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-        params, _, _ = BusinessUnitClient(node, context).fit(
+        params, _, _ = BusinessUnitClient(node).fit(
             initial_parameters(job.task, job.feature_spec.dim), instruction
         )
         updates.append(params)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from flwr.app import Context, RecordDict
 
 from clients.app import BusinessUnitClient, Node
 from clients.budget import PolicyRefusal, admit
@@ -49,8 +48,7 @@ def _exchange(bu_config: Path, home, run_id: str, phase: Phase, epsilon: float =
     instruction = Instruction(
         phase=phase, server_round=1, run_id=run_id, started_at=NOW, job=job, seed=1
     ).to_config()
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    client = BusinessUnitClient(Node(bu_config, home.directory, True), context)
+    client = BusinessUnitClient(Node(bu_config, home.directory, True))
     return client.fit(initial_parameters(job.task, job.feature_spec.dim), instruction)
 
 

@@ -93,8 +93,6 @@ def test_conditional_rounding_is_unbiased_and_keeps_its_norm_bound() -> None:
 def test_a_unit_records_the_total_noise_it_is_calibrated_for(small_silos, tmp_path) -> None:
     from datetime import UTC, datetime
 
-    from flwr.app import Context, RecordDict
-
     from clients.app import Node
     from clients.steward import prepare_simulated_home
     from federation.features import resolve_feature_spec
@@ -124,8 +122,7 @@ def test_a_unit_records_the_total_noise_it_is_calibrated_for(small_silos, tmp_pa
         seed=2,
         units=10,
     ).to_config()
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    reply, weight, metrics = BusinessUnitClient(Node(bu_config, home.directory, True), context).fit(
+    reply, weight, metrics = BusinessUnitClient(Node(bu_config, home.directory, True)).fit(
         initial_parameters(job.task, job.feature_spec.dim), instruction
     )
     plan = _plan(units=10, dimension=job.feature_spec.dim + 1)

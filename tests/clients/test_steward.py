@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import Context, RecordDict
 
 from clients.app import BusinessUnitClient, Node
 from clients.silo import load_silo
@@ -55,11 +54,10 @@ def unit(tmp_path: Path):
 def _fit(bu_config: Path, home: UnitHome, run_id: str, phase: Phase = Phase.TRAIN, seed: int = 1):
     config = UnitConfig.load(bu_config)
     job = Job(rounds=1, features=resolve_feature_spec("churn", [config]))
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     instruction = Instruction(
         phase=phase, server_round=1, run_id=run_id, started_at=NOW, job=job, seed=seed
     ).to_config()
-    client = BusinessUnitClient(Node(bu_config, home.directory, True), context)
+    client = BusinessUnitClient(Node(bu_config, home.directory, True))
     return client.fit(initial_parameters(job.task, job.feature_spec.dim), instruction)
 
 

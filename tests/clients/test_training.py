@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
 from opacus.accountants import RDPAccountant
 
 from clients.app import BusinessUnitClient, Node
@@ -104,13 +103,11 @@ def test_client_reports_cumulative_epsilon_over_rounds_kept_in_its_ledger(
     """Flower re-creates the client every round (here: even its context); the BU's ledger in its
     home keeps the run's history."""
     job = Job(rounds=2, epsilon=2.0, features=resolve_feature_spec("churn", [unit_schema("x")]))
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     node = _node(small_silos, tmp_path)
     params = initial_parameters(job.task, job.feature_spec.dim)
     reports = []
     for server_round in (1, 2):
-        context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-        client = BusinessUnitClient(node, context)  # a fresh client, as Flower does
+        client = BusinessUnitClient(node)  # a fresh client, as Flower does
         params, _n, metrics = client.fit(params, _instruction(Phase.TRAIN, server_round, job))
         reports.append(UnitReport.from_metrics(metrics))
     first, second = reports
@@ -131,8 +128,7 @@ def test_client_reports_cumulative_epsilon_over_rounds_kept_in_its_ledger(
 
 def test_a_deployed_client_refuses_a_seed(small_silos: Path, tmp_path: Path) -> None:
     job = Job(features=resolve_feature_spec("churn", [unit_schema("x")]))
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    client = BusinessUnitClient(replace(_node(small_silos, tmp_path), simulated=False), context)
+    client = BusinessUnitClient(replace(_node(small_silos, tmp_path), simulated=False))
     params = initial_parameters(job.task, job.feature_spec.dim)
     with pytest.raises(Exception, match="seeds exist only in simulation"):
         client.fit(params, _instruction(Phase.TRAIN, 1, job, seed=3))
@@ -142,17 +138,12 @@ def test_a_round_that_would_exceed_the_target_is_refused_before_training(
     small_silos: Path, tmp_path: Path
 ) -> None:
     job = Job(rounds=1, epsilon=1.0, features=resolve_feature_spec("churn", [unit_schema("x")]))
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     node = _node(small_silos, tmp_path)
     params = initial_parameters(job.task, job.feature_spec.dim)
-    trained, _, metrics = BusinessUnitClient(node, context).fit(
-        params, _instruction(Phase.TRAIN, 1, job)
-    )
+    trained, _, metrics = BusinessUnitClient(node).fit(params, _instruction(Phase.TRAIN, 1, job))
     spent = UnitReport.from_metrics(metrics).epsilon
     # The plan was one round; a second round would overspend, so the BU refuses and takes no step.
-    again, n, metrics = BusinessUnitClient(node, context).fit(
-        trained, _instruction(Phase.TRAIN, 2, job)
-    )
+    again, n, metrics = BusinessUnitClient(node).fit(trained, _instruction(Phase.TRAIN, 2, job))
     assert (again, n) == ([], 0)
     assert "above the job's 1.0" in refusal_of(metrics).reason
     with UnitHome(node.home, UnitConfig.load(node.bu_config)).ledger() as ledger:
@@ -174,8 +165,7 @@ def test_under_central_noise_a_unit_sends_a_clipped_update_and_records_a_gaussia
         features=resolve_feature_spec("churn", [unit_schema("x")]),
     )
     node = _node(small_silos, tmp_path)
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    update, weight, metrics = BusinessUnitClient(node, context).fit(
+    update, weight, metrics = BusinessUnitClient(node).fit(
         initial_parameters(job.task, job.feature_spec.dim), _instruction(Phase.TRAIN, 1, job)
     )
     norm = float(np.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in update)))
