@@ -4,7 +4,7 @@ reservations of the runs in progress (GDPR Art. 5(2), accountability; DESIGN "Gu
 The design is Google dp_accounting's (`dp_event.py`, `privacy_accountant.py`): privacy spending is a
 sequence of immutable events, and an epsilon is what an accountant computes by composing them. Here
 the accountant is Opacus's RDP accountant (Mironov 2017, "Rényi Differential Privacy"), reached
-through `privacy.accounting.dp_sgd_epsilon`, so the figure the ledger gives is the figure Opacus
+through `privacy.accounting.composed_epsilon`, so the figure the ledger gives is the figure Opacus
 gives for the same DP-SGD steps (Abadi et al. 2016, "Deep Learning with Differential Privacy").
 The Gaussian mechanism without sampling (a noised query answer) is one DP-SGD step at sample rate 1
 with noise multiplier sigma / sensitivity.
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from privacy.accounting import DpSgdEvent, dp_sgd_epsilon
+from privacy.accounting import DpSgdEvent, LaplaceEvent, composed_epsilon
 from privacy.errors import ConfigurationError, RefusedByUnit
 from privacy.lineage import iso_utc
 from privacy.store import SqliteState, open_unit_store, transaction
@@ -42,6 +42,7 @@ BUDGET_COMMAND = "[privacy] budget or purpose_budgets in the unit's bu.toml"
 
 _DP_SGD = "dp_sgd"
 _GAUSSIAN = "gaussian"
+_LAPLACE = "laplace"
 
 _MIGRATIONS = (
     # version 1
@@ -95,6 +96,49 @@ _MIGRATIONS = (
     CREATE UNIQUE INDEX open_reservations ON reservations (run_id, purpose)
         WHERE released_at IS NULL;
     """,
+    # version 2: Laplace events (scale in `sigma`, L1 sensitivity in `sensitivity`). SQLite cannot
+    # change a CHECK constraint, so the events table is rebuilt, its rows kept as they were.
+    """
+    CREATE TABLE events_v2 (
+        run_id TEXT NOT NULL CHECK (run_id <> ''),
+        round INTEGER NOT NULL CHECK (round >= 0),
+        purpose TEXT NOT NULL CHECK (purpose <> ''),
+        kind TEXT NOT NULL,
+        noise_multiplier REAL,
+        sample_rate REAL,
+        steps INTEGER,
+        sigma REAL,
+        sensitivity REAL,
+        recorded_at TEXT NOT NULL,
+        PRIMARY KEY (run_id, round, purpose, kind),
+        CHECK (coalesce(CASE kind
+            WHEN 'dp_sgd' THEN noise_multiplier > 0 AND sample_rate > 0 AND sample_rate <= 1
+                AND steps >= 0 AND sigma IS NULL AND sensitivity IS NULL
+            WHEN 'gaussian' THEN sigma > 0 AND sensitivity > 0
+                AND noise_multiplier IS NULL AND sample_rate IS NULL AND steps IS NULL
+            WHEN 'laplace' THEN sigma > 0 AND sensitivity > 0
+                AND noise_multiplier IS NULL AND sample_rate IS NULL AND steps IS NULL
+            ELSE 0 END, 0))
+    ) WITHOUT ROWID;
+    INSERT INTO events_v2
+        SELECT run_id, round, purpose, kind, noise_multiplier, sample_rate, steps, sigma,
+               sensitivity, recorded_at
+        FROM events;
+    DROP TRIGGER events_are_not_updated;
+    DROP TRIGGER events_are_not_deleted;
+    DROP INDEX events_by_purpose;
+    DROP TABLE events;
+    ALTER TABLE events_v2 RENAME TO events;
+    CREATE INDEX events_by_purpose ON events (purpose);
+    CREATE TRIGGER events_are_not_updated BEFORE UPDATE ON events
+    BEGIN
+        SELECT RAISE(ABORT, 'privacy ledger events are immutable');
+    END;
+    CREATE TRIGGER events_are_not_deleted BEFORE DELETE ON events
+    BEGIN
+        SELECT RAISE(ABORT, 'privacy ledger events are immutable');
+    END;
+    """,
 )
 
 
@@ -119,7 +163,7 @@ class GaussianEvent:
         return DpSgdEvent(self.sigma / self.sensitivity, 1.0, 1)
 
 
-PrivacyEvent = DpSgdEvent | GaussianEvent
+PrivacyEvent = DpSgdEvent | GaussianEvent | LaplaceEvent
 
 
 @dataclass(frozen=True)
@@ -234,7 +278,7 @@ class PrivacyLedger(SqliteState):
         """Epsilon at `delta` of the events of `purpose` (of every purpose when None: the BU-wide
         figure) and of `run_id` (of every run when None), composed by Opacus's RDP accountant."""
         _require_delta(delta)
-        return dp_sgd_epsilon(self._dp_sgd(purpose, run_id), delta)
+        return composed_epsilon(self._composable(purpose, run_id), delta)
 
     # --- budgets and reservations ------------------------------------------------------------
 
@@ -364,7 +408,7 @@ class PrivacyLedger(SqliteState):
         )
 
     def _spent_and_reserved(self, purpose: str | None, delta: float) -> tuple[float, float]:
-        spent = dp_sgd_epsilon(self._dp_sgd(purpose, None), delta)
+        spent = composed_epsilon(self._composable(purpose, None), delta)
         reserved = self._connection.execute(
             "SELECT total(epsilon) FROM reservations "
             "WHERE released_at IS NULL AND (? IS NULL OR purpose = ?)",
@@ -429,15 +473,18 @@ class PrivacyLedger(SqliteState):
         for r, n, p, k, *parameters, at in rows:
             yield r, n, p, k, tuple(parameters), datetime.fromisoformat(at)
 
-    def _dp_sgd(self, purpose: str | None, run_id: str | None) -> list[DpSgdEvent]:
-        """The events of `purpose` and `run_id` (None: all) as the DP-SGD events they equal."""
+    def _composable(
+        self, purpose: str | None, run_id: str | None
+    ) -> list[DpSgdEvent | LaplaceEvent]:
+        """The events of `purpose` and `run_id` (None: all), Gaussian ones as the DP-SGD step they
+        equal."""
         return [
             _as_dp_sgd(_event_from(kind, parameters))
             for _, _, _, kind, parameters, _ in self._rows(purpose, run_id)
         ]
 
 
-def _as_dp_sgd(event: PrivacyEvent) -> DpSgdEvent:
+def _as_dp_sgd(event: PrivacyEvent) -> DpSgdEvent | LaplaceEvent:
     return event.as_dp_sgd() if isinstance(event, GaussianEvent) else event
 
 
@@ -455,8 +502,11 @@ def _columns(event: PrivacyEvent) -> tuple[str, tuple]:
         )
     if isinstance(event, GaussianEvent):
         return _GAUSSIAN, (None, None, None, float(event.sigma), float(event.sensitivity))
+    if isinstance(event, LaplaceEvent):
+        return _LAPLACE, (None, None, None, float(event.scale), float(event.sensitivity))
     raise ConfigurationError(
-        f"privacy ledger: cannot record {event!r}; record a DpSgdEvent or a GaussianEvent."
+        f"privacy ledger: cannot record {event!r}; record a DpSgdEvent, a GaussianEvent or a "
+        "LaplaceEvent."
     )
 
 
@@ -464,6 +514,8 @@ def _event_from(kind: str, parameters: tuple) -> PrivacyEvent:
     noise_multiplier, sample_rate, steps, sigma, sensitivity = parameters
     if kind == _DP_SGD:
         return DpSgdEvent(noise_multiplier, sample_rate, steps)
+    if kind == _LAPLACE:
+        return LaplaceEvent(sigma, sensitivity)
     return GaussianEvent(sigma, sensitivity)
 
 

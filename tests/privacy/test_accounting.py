@@ -3,6 +3,7 @@ figure, and calibration spends a target epsilon within tolerance, never above it
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -168,3 +169,18 @@ def test_calibration_refuses_a_nan_target() -> None:
     # whatever epsilon that spends.
     with pytest.raises(ConfigurationError):
         calibrate_noise_multiplier(math.nan, 1e-5, 0.001, 100)
+
+
+def test_the_laplace_rdp_curve_is_mironovs_and_tends_to_pure_epsilon() -> None:
+    import math
+
+    from privacy.accounting import laplace_rdp
+
+    eps = 0.7
+    at_two = laplace_rdp(eps, [2.0])[0]
+    assert at_two == pytest.approx(
+        math.log(2 / 3 * math.exp(eps) + 1 / 3 * math.exp(-2 * eps)), rel=1e-12
+    )
+    curve = laplace_rdp(eps, [1.5, 2, 4, 16, 64, 1e6])
+    assert all(a <= b for a, b in itertools.pairwise(curve))  # non-decreasing in the order
+    assert curve[-1] == pytest.approx(eps, rel=1e-4) and (curve <= eps + 1e-12).all()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from privacy.accounting import DpSgdEvent, dp_sgd_epsilon
+from privacy.accounting import DpSgdEvent, LaplaceEvent, dp_sgd_epsilon
 from privacy.errors import ConfigurationError, RefusedByUnit
 from privacy.ledger import (
     BudgetExceeded,
@@ -358,10 +358,10 @@ def test_two_processes_cannot_both_take_the_last_of_a_budget(tmp_path: Path) -> 
 # --- the file ----------------------------------------------------------------------------------
 
 
-def test_file_has_schema_version_1(ledger: PrivacyLedger) -> None:
+def test_file_has_the_latest_schema_version(ledger: PrivacyLedger) -> None:
     connection = sqlite3.connect(ledger.path)
     try:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
     finally:
         connection.close()
     assert ledger.path.name == "ledger.sqlite"
@@ -370,3 +370,39 @@ def test_file_has_schema_version_1(ledger: PrivacyLedger) -> None:
 def test_another_units_ledger_is_refused(ledger: PrivacyLedger) -> None:
     with pytest.raises(ConfigurationError, match="belongs to unit 'retail', not 'telecom'"):
         PrivacyLedger.open(ledger.path, unit="telecom")
+
+
+def test_a_version_1_ledger_is_migrated_forward_with_its_events(tmp_path) -> None:
+    from privacy.ledger import _MIGRATIONS
+    from privacy.store import open_store
+
+    path = tmp_path / "ledger.sqlite"
+    old = open_store(path, _MIGRATIONS[:1], name="privacy ledger")
+    old.execute("INSERT INTO ledger (unit) VALUES ('retail')")
+    old.execute(
+        "INSERT INTO events VALUES ('run-1', 1, 'churn_model', 'dp_sgd', 1.5, 0.04, 2250, NULL, NULL, "
+        "'2026-01-01T00:00:00.000000')"
+    )
+    old.commit()
+    old.close()
+    with PrivacyLedger.open(path, unit="retail") as migrated:
+        assert migrated.epsilon(1e-5) == pytest.approx(7.32911117143, rel=1e-6)
+        migrated.record("run-2", 1, "segment_stats", LaplaceEvent(2.0, 1.0), now=NOW)
+        assert sorted(type(e.event).__name__ for e in migrated.entries()) == [
+            "DpSgdEvent",
+            "LaplaceEvent",
+        ]
+        with pytest.raises(sqlite3.DatabaseError, match="immutable"):
+            migrated._connection.execute("DELETE FROM events")
+
+
+def test_laplace_events_compose_with_the_rest(ledger: PrivacyLedger) -> None:
+    ledger.record("q", 1, "segment_stats", LaplaceEvent(scale=10.0, sensitivity=1.0), now=NOW)
+    assert ledger.epsilon(1e-6, purpose="segment_stats") == pytest.approx(0.1)  # pure, alone
+    for n in range(2, 101):
+        ledger.record("q", n, "segment_stats", LaplaceEvent(scale=10.0, sensitivity=1.0), now=NOW)
+    eight = ledger.epsilon(1e-6, purpose="segment_stats")
+    assert eight < 0.75 * 100 * 0.1  # over 100 releases RDP composition beats adding epsilons
+    ledger.record("m", 1, "churn_model", DpSgdEvent(1.5, 0.04, 100), now=NOW)
+    churn = ledger.epsilon(1e-6, purpose="churn_model")
+    assert ledger.epsilon(1e-6) > max(eight, churn)  # the BU-wide figure composes both
