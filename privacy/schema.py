@@ -12,6 +12,7 @@ undeclared column, or allows a special-category column, is rejected when the sch
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Literal
@@ -80,8 +81,6 @@ _SENSITIVE_HINTS: tuple[tuple[str, Sensitive], ...] = (
 
 def propose_sensitive(column_name: str) -> Sensitive | None:
     """A proposed sensitive-category tag for a column, from its name alone."""
-    import re
-
     lowered = column_name.lower()
     for pattern, tag in _SENSITIVE_HINTS:
         if re.search(pattern, lowered):
@@ -222,6 +221,3 @@ class SiloSchema(_Frozen):
                 f"add a [purposes.{purpose}] policy to its schema or choose a declared purpose."
             )
         return self.purposes[purpose]
-
-    def dump(self) -> str:
-        return self.model_dump_json(indent=2, exclude_defaults=False)

@@ -9,6 +9,7 @@ and the fix, and nothing is read or written before it validates.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from privacy.errors import ConfigurationError, PolicyViolation
+from privacy.pseudonyms import GENERALISATION_RULE_PATTERN
 from privacy.quality import QualityRules
 from privacy.schema import SiloSchema
 
@@ -73,10 +75,6 @@ class UnitConfig(SiloSchema):
 
     @model_validator(mode="after")
     def _generalisation_rules_are_valid(self) -> UnitConfig:
-        import re
-
-        from privacy.pseudonyms import GENERALISATION_RULE_PATTERN
-
         for purpose, policy in self.purposes.items():
             for column, rule in policy.generalise.items():
                 if not re.fullmatch(GENERALISATION_RULE_PATTERN, rule):
@@ -85,10 +83,6 @@ class UnitConfig(SiloSchema):
                         "use band:N, prefix:N, month or year"
                     )
         return self
-
-    @property
-    def source_directory(self) -> Path:
-        return self.source.directory
 
     @classmethod
     def load(cls, path: Path) -> UnitConfig:
