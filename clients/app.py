@@ -24,8 +24,18 @@ from flwr.client import ClientApp, NumPyClient
 from flwr.clientapp.typing import Mod
 
 from clients.budget import admit, check_round_not_answered, run_history
+from clients.features import compute_features
 from clients.mods import secure_aggregation_mod
-from clients.pipeline import PreparedUnit, UnitKeys, prepare_unit
+from clients.pipeline import (
+    PreparedTables,
+    PreparedUnit,
+    UnitKeys,
+    check_spec_fits_schema,
+    features_of,
+    prepare_tables,
+)
+from clients.queries import query_vector
+from clients.segments import segment_vector
 from clients.silo import load_silo
 from clients.training import (
     conditional_round,
@@ -34,10 +44,19 @@ from clients.training import (
     train_clipped_update,
     train_dp_sgd,
 )
-from federation.evaluation import EVALUATION_RANGE, ScoreSummary
-from federation.job import NoisePlacement
-from federation.models import build_model, predict_proba, set_parameters
-from federation.secagg import grid_scale, shares_and_threshold
+from federation.evaluation import RegressionSummary, ScoreHistogram, ScoreSummary
+from federation.exchanges import (
+    evaluation_round,
+    is_last_exchange,
+    job_columns,
+    planned_evaluation,
+    release_layout,
+    release_multiplier,
+)
+from federation.job import JobKind, NoisePlacement
+from federation.models import set_parameters
+from federation.secagg import grid_scale, shares_and_threshold, statistics_range
+from federation.tasks import adapter
 from federation.wire import UNIT_KEY, DroppedColumn, Instruction, Phase, Refusal, UnitReport
 from privacy.accounting import (
     DistributedPlan,
@@ -51,6 +70,7 @@ from privacy.accounting import (
 from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed
 from privacy.home import UnitHome
 from privacy.ledger import GaussianEvent, PrivacyEvent, PrivacyLedger
+from privacy.mechanisms import Placement, gaussian_event_of
 from privacy.samplers import SecureSource, SeededSource, discrete_gaussian
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 
@@ -108,33 +128,61 @@ class BusinessUnitClient(NumPyClient):
             admit(unit, home, job, instruction.run_id, now=datetime.now(UTC))
             keyring = home.keyring() if unit.source.encrypted else None
             silo = load_silo(unit, keyring=keyring)
+            if job.kind is not JobKind.QUERY:
+                check_spec_fits_schema(silo, job.feature_spec)
             with home.registry() as registry:
-                prepared = prepare_unit(
+                tables = prepare_tables(
                     silo,
                     job,
+                    columns=job_columns(job),
                     registry=registry,
                     keys=UnitKeys(home.pseudonym_key(), home.linkage_key()),
                     as_of=job.consent_as_of or instruction.started_at,
                     now=datetime.now(UTC),
                 )
-            if len(prepared.train.labels) == 0:
+            if not len(tables.tables["customers"]):
                 raise RefusedByUnit(
                     f"unit '{unit.unit}' has no eligible customer for purpose '{job.purpose}' "
-                    f"(excluded: {prepared.excluded}); it takes no part in this run"
+                    f"(excluded: {tables.excluded}); it takes no part in this run"
                 )
-            if instruction.phase is Phase.EVALUATE:
-                reply = self._evaluate(prepared, parameters, instruction)
-                if instruction.server_round == job.rounds:  # the run's last exchange
-                    with home.ledger() as ledger:
-                        ledger.release(instruction.run_id, job.purpose, now=datetime.now(UTC))
-                return reply
+            phase = instruction.phase
             with home.ledger() as ledger:
-                reply = self._train(prepared, parameters, instruction, ledger)
-            with home.lineage() as lineage:
-                used = np.concatenate([prepared.train.customer_ids, prepared.test.customer_ids])
-                lineage.record_digests(
-                    instruction.run_id, used, purpose=job.purpose, now=datetime.now(UTC)
-                )
+                if phase is Phase.QUERY:
+                    vector = query_vector(tables.tables, unit, job.query_spec)
+                    reply = self._release(tables, vector, parameters, instruction, ledger)
+                else:
+                    matrix = compute_features(
+                        tables.tables, job.feature_spec, customer_key=tables.customer_key
+                    )
+                    prepared = features_of(tables, matrix)
+                    if phase is Phase.TRAIN:
+                        if len(prepared.train.labels) == 0:
+                            raise RefusedByUnit(
+                                f"unit '{unit.unit}' has no training customer for purpose "
+                                f"'{job.purpose}'; it takes no part in this run"
+                            )
+                        reply = self._train(prepared, parameters, instruction, ledger)
+                    elif phase is Phase.SEGMENTS:
+                        (centroids,) = parameters
+                        vector = segment_vector(matrix.features, centroids, job.segments_spec)
+                        reply = self._release(tables, vector, parameters, instruction, ledger)
+                    elif job.evaluation.mode == "exact" and adapter(job.task).kind == "binary":
+                        reply = self._evaluate_exact(prepared, parameters, instruction)
+                    else:
+                        vector = self._evaluation_vector(prepared, parameters, job)
+                        reply = self._release(
+                            tables, vector, parameters, instruction, ledger, prepared=prepared
+                        )
+                if is_last_exchange(job, phase, instruction.server_round):
+                    ledger.release(instruction.run_id, job.purpose, now=datetime.now(UTC))
+            if phase in (Phase.TRAIN, Phase.QUERY) or (
+                phase is Phase.SEGMENTS and instruction.server_round == 1
+            ):
+                with home.lineage() as lineage:
+                    used = tables.tables["customers"][tables.customer_key].astype(str).to_numpy()
+                    lineage.record_digests(
+                        instruction.run_id, used, purpose=job.purpose, now=datetime.now(UTC)
+                    )
             return reply
         except RefusedByUnit as refusal:
             if job.secure_aggregation.enabled:
@@ -143,16 +191,130 @@ class BusinessUnitClient(NumPyClient):
                 raise
             return [], 0, Refusal(unit=unit.unit, reason=str(refusal)).to_metrics()
 
-    def _evaluate(self, prepared: PreparedUnit, parameters, instruction: Instruction):
-        job = instruction.job
-        model = build_model(job.task, job.feature_spec.dim)
+    def _evaluation_vector(self, prepared: PreparedUnit, parameters, job) -> np.ndarray:
+        task = adapter(job.task, job.feature_spec)
+        model = task.build_model(job.feature_spec.dim)
         set_parameters(model, parameters)
-        scores = predict_proba(model, prepared.test.features)
+        predictions = task.predict(model, prepared.test.features)
+        if task.kind == "regression":
+            return RegressionSummary.of(
+                predictions,
+                task.natural_labels(prepared.test.labels),
+                upper=task.upper_of(job.feature_spec),
+            ).to_vector()
+        return ScoreHistogram.of(predictions, prepared.test.labels, job.evaluation.bins).to_vector()
+
+    def _release(
+        self,
+        tables: PreparedTables,
+        vector: np.ndarray,
+        parameters,
+        instruction: Instruction,
+        ledger: PrivacyLedger,
+        *,
+        prepared: PreparedUnit | None = None,
+    ):
+        """A statistics release: the exact vector plus this BU's share of the noise, recorded in
+        the ledger before it leaves (and refused if it would pass the job's epsilon)."""
+        job, phase = instruction.job, instruction.phase
+        layout = release_layout(job, phase, instruction.server_round)
+        z = release_multiplier(job, phase)
+        assert layout is not None
+        ledger_round = (
+            evaluation_round(job) if phase is Phase.EVALUATE else instruction.server_round
+        )
+        check_round_not_answered(ledger, instruction.run_id, job.purpose, ledger_round)
+        history = run_history(ledger, instruction.run_id, job.purpose)
+        released = gaussian_event_of(z) if z is not None else None
+        if released is not None:
+            would_reach = dp_sgd_epsilon([*history, released.as_dp_sgd()], job.delta)
+            if would_reach > job.epsilon * (1 + 1e-9):
+                raise RefusedByUnit(
+                    f"unit '{tables.unit}': the {phase} release of round "
+                    f"{instruction.server_round} would bring its epsilon to {would_reach:.4f}, "
+                    f"above the job's {job.epsilon}; nothing is released"
+                )
+        seed = self._seed(instruction, tables.unit)
+        source = SecureSource() if seed is None else SeededSource(seed)
+        secure = job.secure_aggregation
+        threshold = shares_and_threshold(instruction.units)[1] if secure.enabled else 1
+        noisy = layout.noisy(
+            vector,
+            z,
+            Placement(job.noise.value),
+            source,
+            threshold=threshold,
+            colluding=secure.colluding,
+        )
+        now = datetime.now(UTC)
+        if released is not None:
+            ledger.record(instruction.run_id, ledger_round, job.purpose, released, now=now)
+        history = run_history(ledger, instruction.run_id, job.purpose)
+        train = prepared.train if prepared is not None else None
+        report = UnitReport(
+            unit=tables.unit,
+            purpose=tables.purpose,
+            encrypted_at_rest=tables.encrypted_at_rest,
+            quality=tables.quality,
+            records_used=(
+                len(train.labels) if train is not None else len(tables.tables["customers"])
+            ),
+            records_test=len(prepared.test.labels) if prepared is not None else 0,
+            excluded=tables.excluded,
+            columns_used=list(tables.columns_used),
+            columns_dropped=[
+                DroppedColumn(column=d.column, reason=d.reason) for d in tables.columns_dropped
+            ],
+            epsilon=dp_sgd_epsilon(history, job.delta),
+            epsilon_total=ledger.epsilon(job.delta, purpose=job.purpose),
+            epsilon_unit_total=ledger.epsilon(job.delta),
+            budget=ledger.budget(job.purpose),
+            budget_unit=ledger.budget(None),
+            # For an evaluation the coordinator keeps the training's DP-SGD figures and takes the
+            # epsilon figures from here; a query or k-means run has releases only.
+            noise_multiplier=z if z is not None else 1.0,
+            sample_rate=1.0,
+            steps=0,
+            releases=1 if phase is Phase.EVALUATE else instruction.server_round,
+        )
+        wire = [noisy.astype(np.float64)]
+        if secure.enabled:
+            # Integers travel exactly on SecAgg+'s statistics grid (see server.secure_aggregation);
+            # the weight is 1 so that the secure mean times the number of BUs is the sum.
+            check_secure_range(wire, statistics_range(instruction.units), what=f"{phase} values")
+            return wire, 1, report.to_metrics()
+        return wire, max(1, report.records_used), report.to_metrics()
+
+    @staticmethod
+    def _seed(instruction: Instruction, unit: str) -> int | None:
+        """Simulation only: reproducible, distinct per BU, round and exchange."""
+        if instruction.seed is None:
+            return None
+        return int(
+            np.random.SeedSequence(
+                [
+                    instruction.seed,
+                    instruction.server_round,
+                    *str(instruction.phase).encode(),
+                    0,
+                    *unit.encode(),
+                ]
+            ).generate_state(1)[0]
+        )
+
+    def _evaluate_exact(self, prepared: PreparedUnit, parameters, instruction: Instruction):
+        job = instruction.job
+        task = adapter(job.task, job.feature_spec)
+        model = task.build_model(job.feature_spec.dim)
+        set_parameters(model, parameters)
+        scores = task.predict(model, prepared.test.features)
         summary = ScoreSummary.of(scores, prepared.test.labels)
         if job.secure_aggregation.enabled:
             # Counts travel exactly on SecAgg+'s integer grid (see server.secure_aggregation);
             # the weight is 1 so that the secure mean times the number of BUs is the sum.
-            check_secure_range(summary.to_arrays(), EVALUATION_RANGE, what="evaluation counts")
+            check_secure_range(
+                summary.to_arrays(), statistics_range(instruction.units), what="evaluation counts"
+            )
             return summary.to_arrays(), 1, {UNIT_KEY: prepared.unit}
         return summary.to_arrays(), len(prepared.test.labels), {UNIT_KEY: prepared.unit}
 
@@ -164,6 +326,9 @@ class BusinessUnitClient(NumPyClient):
         plan = local_plan(records, job.training)
         check_round_not_answered(ledger, instruction.run_id, job.purpose, instruction.server_round)
         history = run_history(ledger, instruction.run_id, job.purpose)
+        # The evaluation after the last round spends from the same epsilon: training is
+        # calibrated for what is left.
+        evaluation = planned_evaluation(job)
         central = job.noise is NoisePlacement.CENTRAL
         distributed = job.noise is NoisePlacement.DISTRIBUTED
         if distributed:
@@ -180,7 +345,9 @@ class BusinessUnitClient(NumPyClient):
             # The coordinator adds noise of std z x 2C to the sum, every BU in every round: a
             # Gaussian mechanism per round, no sampling. z follows from the public job alone.
             clip = job.training.clip_norm
-            noise_multiplier = central_noise_multiplier(job.epsilon, job.delta, job.rounds)
+            noise_multiplier = central_noise_multiplier(
+                job.epsilon, job.delta, job.rounds, spent=evaluation
+            )
             planned: PrivacyEvent = GaussianEvent(
                 sigma=central_noise_std(noise_multiplier, clip), sensitivity=2 * clip
             )
@@ -191,13 +358,17 @@ class BusinessUnitClient(NumPyClient):
                 history[0].noise_multiplier
                 if history
                 else calibrate_noise_multiplier(
-                    job.epsilon, job.delta, plan.sample_rate, plan.steps_per_round * job.rounds
+                    job.epsilon,
+                    job.delta,
+                    plan.sample_rate,
+                    plan.steps_per_round * job.rounds,
+                    spent=evaluation,
                 )
             )
             planned = DpSgdEvent(noise_multiplier, plan.sample_rate, plan.steps_per_round)
             sample_rate = plan.sample_rate
         as_step = planned.as_dp_sgd() if isinstance(planned, GaussianEvent) else planned
-        would_reach = dp_sgd_epsilon([*history, as_step], job.delta)
+        would_reach = dp_sgd_epsilon([*history, as_step, *evaluation], job.delta)
         if would_reach > job.epsilon:
             # e.g. fewer consented customers than when the noise was calibrated: a higher sample
             # rate. The round is not trained; nothing is released.
@@ -212,11 +383,18 @@ class BusinessUnitClient(NumPyClient):
                     [instruction.seed, instruction.server_round, *prepared.unit.encode()]
                 ).generate_state(1)[0]
             )
-        model = build_model(job.task, job.feature_spec.dim)
+        task = adapter(job.task, job.feature_spec)
+        model = task.build_model(job.feature_spec.dim)
         features, labels = prepared.train.features, prepared.train.labels
         if central or distributed:
             reply, _ = train_clipped_update(
-                model, parameters, features, labels, job.training, entropy_generator(seed)
+                model,
+                parameters,
+                features,
+                labels,
+                job.training,
+                entropy_generator(seed),
+                loss=task.loss(),
             )
             if distributed:
                 reply = self._with_noise_share(reply, shares_plan, seed)
@@ -231,6 +409,7 @@ class BusinessUnitClient(NumPyClient):
                 noise_multiplier,
                 history,
                 entropy_generator(seed),
+                loss=task.loss(),
             )
             reply = update.parameters
             released = DpSgdEvent(noise_multiplier, plan.sample_rate, update.steps)
@@ -274,8 +453,9 @@ class BusinessUnitClient(NumPyClient):
             job.rounds,
             clip_norm=job.training.clip_norm,
             dimension=sum(
-                t.numel() for t in build_model(job.task, job.feature_spec.dim).parameters()
+                t.numel() for t in adapter(job.task).build_model(job.feature_spec.dim).parameters()
             ),
+            spent=planned_evaluation(job),
             scale=grid_scale(job.secure_aggregation),
             threshold=threshold,
             colluding=job.secure_aggregation.colluding,

@@ -1,8 +1,12 @@
-"""Feature engineering inside a BU: RFM, tenure, channel mix and customer attributes.
+"""Feature engineering inside a BU: RFM, tenure, channel mix and customer attributes, and labels.
 
 One row per customer (the privacy unit), computed from the customer's own rows only, scaled to
 [0, 1] with the public bounds and domains of a `FeatureSpec`. No statistic of the BU's data (mean,
-standard deviation, observed categories, observed maximum) enters the scaling.
+standard deviation, observed categories, observed maximum) enters the scaling; a missing number
+counts as its declared lower bound, a missing category as none of the domain's values.
+
+The label is a boolean customers column, or (`FeatureSpec.target`) the customer's spend in the
+window after the observation date, scaled as the target says.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from federation.features import (
     ChannelMix,
     FeatureSpec,
     Frequency,
+    FutureSpend,
     Monetary,
     Numeric,
     Recency,
@@ -30,7 +35,7 @@ _DAY = pd.Timedelta(days=1)
 class FeatureMatrix:
     customer_ids: np.ndarray  # str, one per row
     features: np.ndarray  # float32, (customers, spec.dim)
-    labels: np.ndarray  # float32 in {0, 1}
+    labels: np.ndarray  # float32: {0, 1} for a binary label, [0, 1] for a scaled target
 
 
 def _column(tables: dict[str, pd.DataFrame], qualified: str) -> pd.Series:
@@ -60,8 +65,8 @@ def compute_features(
     customers = tables["customers"]
     ids = customers[customer_key].astype(str)
     index = pd.Index(ids)
-    observed = pd.Timestamp(spec.observation_date)
-    start = observed - spec.lookback_days * _DAY
+    observed = pd.Timestamp(spec.observation_date) if spec.observation_date is not None else None
+    start = observed - spec.lookback_days * _DAY if spec.lookback_days is not None else None
 
     tx = tables.get("transactions")
     per_customer = None
@@ -75,8 +80,13 @@ def compute_features(
     blocks: list[np.ndarray] = []
     for feature in spec.features:
         if isinstance(feature, Numeric):
-            values = pd.to_numeric(_column(tables, feature.column)).to_numpy()
-            block = _unit_scale(values, feature.lower, feature.upper, log=feature.log_scale)
+            values = pd.to_numeric(_column(tables, feature.column).astype("Float64"))
+            block = _unit_scale(
+                values.to_numpy(dtype=np.float64, na_value=feature.lower),
+                feature.lower,
+                feature.upper,
+                log=feature.log_scale,
+            )
         elif isinstance(feature, Categorical):
             block = _one_hot(_column(tables, feature.column), feature.domain)
         elif isinstance(feature, Tenure):
@@ -131,5 +141,32 @@ def compute_features(
         blocks.append(block[:, None] if block.ndim == 1 else block)
 
     matrix = np.concatenate(blocks, axis=1).astype(np.float32)
-    labels = _column(tables, spec.label).astype(bool).to_numpy().astype(np.float32)
+    if spec.target is not None:
+        labels = _future_spend(tables, spec.target, observed, index, customer_key)
+    elif spec.label is not None:
+        labels = _column(tables, spec.label).astype(bool).to_numpy().astype(np.float32)
+    else:
+        labels = np.zeros(len(ids), dtype=np.float32)
     return FeatureMatrix(customer_ids=ids.to_numpy(dtype=str), features=matrix, labels=labels)
+
+
+def _future_spend(
+    tables: dict[str, pd.DataFrame],
+    target: FutureSpend,
+    observed: pd.Timestamp,
+    index: pd.Index,
+    customer_key: str,
+) -> np.ndarray:
+    """Each customer's total amount in (observed, observed + horizon], scaled by `target`."""
+    table, _, timestamp = target.timestamp.partition(".")
+    amount = target.amount.partition(".")[2]
+    rows = tables[table]
+    end = observed + target.horizon_days * _DAY
+    after = rows[(rows[timestamp] > observed) & (rows[timestamp] <= end)]
+    spend = (
+        after.groupby(after[customer_key].astype(str))[amount]
+        .sum()
+        .reindex(index, fill_value=0.0)
+        .to_numpy(dtype=np.float64)
+    )
+    return target.scale(spend).astype(np.float32)

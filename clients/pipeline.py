@@ -87,19 +87,37 @@ def check_spec_fits_schema(silo: Silo, spec: FeatureSpec) -> None:
 MINOR_AGE_COLUMN = "customers.age"
 
 
-def prepare_unit(
+@dataclass(frozen=True)
+class PreparedTables:
+    """A BU's tables after consent, minimisation, generalisation and pseudonymisation: what any
+    exchange of the job may read, and the facts the BU reports about it."""
+
+    unit: str
+    purpose: str
+    tables: dict  # table name -> DataFrame; identifiers are pseudonyms
+    customer_key: str
+    held_out: np.ndarray  # per row of tables["customers"]: in the test set (keyed hash of the id)
+    excluded: dict[str, int]
+    columns_used: tuple[str, ...]
+    columns_dropped: tuple[ColumnDrop, ...]
+    quality: dict
+    encrypted_at_rest: bool
+
+
+def prepare_tables(
     silo: Silo,
     job: Job,
     *,
+    columns: tuple[str, ...],
     registry: ConsentRegistry,
     keys: UnitKeys,
     as_of: datetime,
     now: datetime | None = None,
-) -> PreparedUnit:
-    spec = job.feature_spec
+) -> PreparedTables:
+    """Consent, minimisation, generalisation and pseudonymisation for `job`, which reads `columns`
+    (qualified `table.column`): a column the purpose does not allow stops the job here."""
     config = silo.config
     policy = config.policy(job.purpose)  # refuses an undeclared purpose before anything else
-    check_spec_fits_schema(silo, spec)
 
     customers = silo.tables["customers"]
     key = config.tables["customers"].key
@@ -107,13 +125,20 @@ def prepare_unit(
     ages = (
         customers.set_index(key)[age_column] if age_column in config.tables[table].columns else None
     )
+    if ages is None and not config.minors.adults_only:
+        raise ConfigurationError(
+            f"unit '{silo.unit}': the silo has no {MINOR_AGE_COLUMN} column, so the minors rule "
+            f"(minimum age {config.minors.age}) cannot be checked; declare the column, or, if "
+            "the silo holds adults only, attest it with `adults_only = true` under [minors] in "
+            "its bu.toml"
+        )
     decision = registry.decision(
         customers[key],
         job.purpose,
         as_of=as_of,
         now=now,
         ages=ages,
-        minor_age=config.minors.age,
+        minor_age=config.minors.age if ages is not None else None,
         tombstone_key=keys.pseudonym,
     )
     consented = {
@@ -122,12 +147,12 @@ def prepare_unit(
     }
 
     minimised = minimise(consented, config, job.purpose)
-    tables_read = dict.fromkeys(c.partition(".")[0] for c in spec.columns)
-    needed = [*spec.columns, *(f"{t}.{config.tables[t].key}" for t in tables_read)]
+    tables_read = dict.fromkeys(c.partition(".")[0] for c in columns)
+    needed = [*columns, *(f"{t}.{config.tables[t].key}" for t in tables_read if t in config.tables)]
     missing = [c for c in needed if c not in minimised.used]
     if missing:
         raise PolicyViolation(
-            f"unit '{silo.unit}': the job's features need {missing}, which purpose "
+            f"unit '{silo.unit}': the job needs {missing}, which purpose "
             f"'{job.purpose}' does not allow; the BU's steward decides whether to allow them."
         )
     generalised = dict(minimised.tables)
@@ -159,18 +184,50 @@ def prepare_unit(
         linkage_key=keys.linkage,
         linkage_columns=linkage_columns,
     )
-    matrix = compute_features(pseudonymised, spec, customer_key=key)
-    excluded = {**decision.excluded, Exclusion.QUALITY: len(silo.quality_excluded)}
-    return PreparedUnit(
+    return PreparedTables(
         unit=silo.unit,
         purpose=job.purpose,
-        train=_rows(matrix, ~test),
-        test=_rows(matrix, test),
-        excluded=excluded,
+        tables=pseudonymised,
+        customer_key=key,
+        held_out=test,
+        excluded={**decision.excluded, Exclusion.QUALITY: len(silo.quality_excluded)},
         columns_used=minimised.used,
         columns_dropped=minimised.dropped,
         quality=_quality_of_used_columns(silo.quality, minimised.used),
         encrypted_at_rest=silo.encrypted,
+    )
+
+
+def prepare_unit(
+    silo: Silo,
+    job: Job,
+    *,
+    registry: ConsentRegistry,
+    keys: UnitKeys,
+    as_of: datetime,
+    now: datetime | None = None,
+) -> PreparedUnit:
+    spec = job.feature_spec
+    check_spec_fits_schema(silo, spec)
+    prepared = prepare_tables(
+        silo, job, columns=spec.columns, registry=registry, keys=keys, as_of=as_of, now=now
+    )
+    matrix = compute_features(prepared.tables, spec, customer_key=prepared.customer_key)
+    return features_of(prepared, matrix)
+
+
+def features_of(prepared: PreparedTables, matrix: FeatureMatrix) -> PreparedUnit:
+    test = prepared.held_out
+    return PreparedUnit(
+        unit=prepared.unit,
+        purpose=prepared.purpose,
+        train=_rows(matrix, ~test),
+        test=_rows(matrix, test),
+        excluded=prepared.excluded,
+        columns_used=prepared.columns_used,
+        columns_dropped=prepared.columns_dropped,
+        quality=prepared.quality,
+        encrypted_at_rest=prepared.encrypted_at_rest,
     )
 
 

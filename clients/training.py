@@ -61,20 +61,37 @@ def train_dp_sgd(
     noise_multiplier: float,
     history: Sequence[DpSgdEvent],
     generator: torch.Generator,
+    *,
+    loss: nn.Module | None = None,
 ) -> LocalUpdate:
     """One round of local DP-SGD from `parameters`; returns the new parameters and the accountant's
-    history extended by this round's steps."""
+    history extended by this round's steps. `loss` is the task's per-customer loss
+    (`TaskAdapter.loss()`); binary cross-entropy when not given."""
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off: known and stated in every report (torchcsprng is
         # unavailable); `generator` is seeded from OS entropy outside simulation.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
         return _train(
-            model, parameters, features, labels, training, noise_multiplier, history, generator
+            model,
+            parameters,
+            features,
+            labels,
+            training,
+            noise_multiplier,
+            history,
+            generator,
+            loss if loss is not None else _binary_cross_entropy(),
         )
 
 
-def _train(model, parameters, features, labels, training, noise_multiplier, history, generator):
+def _binary_cross_entropy() -> nn.Module:
+    return nn.BCEWithLogitsLoss(reduction="none")
+
+
+def _train(
+    model, parameters, features, labels, training, noise_multiplier, history, generator, criterion
+):
     set_parameters(model, parameters)
     dataset = TensorDataset(torch.as_tensor(features), torch.as_tensor(labels))
     plan = local_plan(len(dataset), training)
@@ -102,12 +119,10 @@ def _train(model, parameters, features, labels, training, noise_multiplier, hist
     for _ in range(training.local_epochs):
         for batch_features, batch_labels in private_loader:
             private_optimizer.zero_grad(set_to_none=True)
-            logits = private_model(batch_features).squeeze(-1)
+            outputs = private_model(batch_features).squeeze(-1)
             # mean over the batch, and a zero loss (but still a noisy, accounted step) when Poisson
             # sampling drew nobody: Opacus still adds the noise and the accountant counts the step
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                logits, batch_labels, reduction="sum"
-            ) / max(len(batch_labels), 1)
+            loss = criterion(outputs, batch_labels).sum() / max(len(batch_labels), 1)
             loss.backward()
             private_optimizer.step()
             steps += 1
@@ -124,11 +139,14 @@ def train_clipped_update(
     labels: np.ndarray,
     training: Training,
     generator: torch.Generator,
+    *,
+    loss: nn.Module | None = None,
 ) -> tuple[list[np.ndarray], int]:
     """Central placement: local SGD without noise, and the update (new - received parameters)
     clipped to L2 norm `training.clip_norm` over all parameters. Returns the clipped update and
     the number of steps. The update alone is not private: it may only leave the BU inside a
-    SecAgg+ sum, to which the coordinator adds the noise."""
+    SecAgg+ sum, to which the coordinator adds the noise. `loss` as for `train_dp_sgd`."""
+    criterion = loss if loss is not None else _binary_cross_entropy()
     set_parameters(model, parameters)
     dataset = TensorDataset(torch.as_tensor(features), torch.as_tensor(labels))
     loader = DataLoader(
@@ -142,10 +160,8 @@ def train_clipped_update(
     for _ in range(training.local_epochs):
         for batch_features, batch_labels in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                model(batch_features).squeeze(-1), batch_labels
-            )
-            loss.backward()
+            value = criterion(model(batch_features).squeeze(-1), batch_labels).mean()
+            value.backward()
             optimizer.step()
             steps += 1
     new = [t.detach().cpu().numpy().astype(np.float64) for t in model.state_dict().values()]

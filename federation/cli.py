@@ -34,16 +34,77 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 120)
 errors = Console(stderr=True)
 
+BuConfig = Annotated[Path, typer.Option("--bu-config", help="the BU's bu.toml")]
+HomeOption = Annotated[
+    Path | None, typer.Option("--home", help="the BU's home (default: `home` in bu.toml)")
+]
+
+
+TASKS = ("churn", "response", "ltv", "segments")
+BUILT_IN_SEGMENTS = 4  # k of `--task segments`: the classic RFM quadrants and one more
+
+
+def _job_from_options(
+    job_file: Path | None,
+    task: str | None,
+    overrides: dict,
+):
+    """The job of `silofed simulate`: a job file, or a built-in job (`--task`) with the command
+    line's settings. A job file holds every setting; the options only complete built-in jobs."""
+    from federation.job import Job, JobKind, load_job_file
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if job_file is not None:
+        if task is not None or given:
+            flags = ", ".join(
+                f"--{k.replace('_', '-')}" for k in ([*given] + (["task"] if task else []))
+            )
+            raise typer.BadParameter(
+                f"{flags} cannot be combined with --job {job_file}: set them in the job file"
+            )
+        return Job.parse(load_job_file(job_file), source=str(job_file))
+    data: dict = {}
+    if task == "segments":
+        data["kind"] = JobKind.SEGMENTS.value
+        data["segments"] = {"k": BUILT_IN_SEGMENTS}
+        if "rounds" in given:
+            data["segments"]["iterations"] = given.pop("rounds")
+    elif task is not None:
+        if task not in TASKS:
+            raise typer.BadParameter(f"--task must be one of {', '.join(TASKS)}, not '{task}'")
+        data["task"] = task
+    secure = given.pop("secure_aggregation", False)
+    data.update(given)
+    data["secure_aggregation"] = {"enabled": bool(secure)}
+    return Job.parse(data, source="command line")
+
 
 @app.command(epilog=EXIT_CODES)
 def simulate(
+    job_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--job", help="a job file (TOML): a model, query or segments job; see docs/jobs.md"
+        ),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="a built-in job: churn (default), response, ltv or segments"),
+    ] = None,
     units: Annotated[
         int | None, typer.Option(help="number of synthetic BUs (default 5); must match --data")
     ] = None,
     customers: Annotated[int, typer.Option(help="customers per synthetic BU, on average")] = 3000,
-    rounds: Annotated[int, typer.Option(help="federated rounds")] = 5,
-    epsilon: Annotated[float, typer.Option(help="per-BU epsilon target for this run")] = 3.0,
-    delta: Annotated[float, typer.Option(help="delta, the same for every BU")] = 1e-6,
+    rounds: Annotated[
+        int | None,
+        typer.Option(help="federated rounds (k-means iterations for segments); default 5"),
+    ] = None,
+    epsilon: Annotated[
+        float | None, typer.Option(help="per-BU epsilon target for this run (default 3)")
+    ] = None,
+    delta: Annotated[
+        float | None, typer.Option(help="delta, the same for every BU (default 1e-6)")
+    ] = None,
     seed: Annotated[
         int, typer.Option(help="simulation seed (data, sampling and noise); never in a job file")
     ] = 0,
@@ -64,17 +125,23 @@ def simulate(
         bool, typer.Option("--encrypt-at-rest", help="store the generated silos AES-GCM encrypted")
     ] = False,
     secure_aggregation: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--secure-aggregation", help="Flower SecAgg+: the coordinator sees only sums (>= 3 BUs)"
         ),
-    ] = False,
+    ] = None,
     noise: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="noise placement: local (DP-SGD in each BU), central or distributed (both need --secure-aggregation)"
+            help="noise placement: local (default; noise in each BU), central or distributed (both need --secure-aggregation)"
         ),
-    ] = "local",
+    ] = None,
+    evaluation: Annotated[
+        str | None,
+        typer.Option(
+            help="model evaluation: dp (default; DP score histograms) or exact (not DP, development only)"
+        ),
+    ] = None,
     fault: Annotated[
         list[str] | None,
         typer.Option(
@@ -84,23 +151,26 @@ def simulate(
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
-    """Run a federated, differentially private churn model over simulated BUs on this machine."""
+    """Run a job over simulated BUs on this machine: a federated, differentially private model
+    (churn, response, ltv), a DP analytics query, or a k-means segmentation."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from federation.job import Job
+    from federation.exchanges import exchange_rounds
     from server.artefacts import new_run_id
     from simulations.runner import SimulationSettings
     from simulations.runner import simulate as run_simulation
 
-    job = Job.parse(
+    job = _job_from_options(
+        job_file,
+        task,
         {
             "rounds": rounds,
             "epsilon": epsilon,
             "delta": delta,
-            "secure_aggregation": {"enabled": secure_aggregation},
+            "secure_aggregation": secure_aggregation,
             "noise": noise,
+            "evaluation": {"mode": evaluation} if evaluation is not None else None,
         },
-        source="command line",
     )
     settings = SimulationSettings(
         out=out or Path("runs") / new_run_id(),
@@ -123,35 +193,42 @@ def simulate(
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("starting the Simulation Engine ...", total=rounds)
+        bar = progress.add_task("starting the Simulation Engine ...", total=exchange_rounds(job))
 
         def on_round(summary) -> None:
             worst = max(summary.epsilon.values(), default=0.0)
-            progress.update(
-                task,
-                advance=1,
-                description=f"AUC {summary.metrics['auc']:.4f}  max epsilon {worst:.3f}",
+            shown = "  ".join(
+                f"{name} {summary.metrics[name]:.4f}"
+                for name in ("auc", "rmse")
+                if name in summary.metrics
             )
+            progress.update(bar, advance=1, description=f"{shown}  max epsilon {worst:.3f}".strip())
 
         result = run_simulation(settings, job, on_round=on_round)
     _print_summary(result.report, result.out)
 
 
 def _print_summary(report: dict, out: Path) -> None:
-    metrics = report["model"]["metrics"]
+    job = report["job"]
     table = Table(
-        title=f"silofed run {report['run_id']}  ({report['job']['task']}, purpose {report['job']['purpose']})"
+        title=f"silofed run {report['run_id']}  ({job.get('kind', 'model')}: {job['task'] if job.get('kind', 'model') == 'model' else job['purpose']}, purpose {job['purpose']})"
     )
     table.add_column("unit", no_wrap=True)
     for column in ("epsilon", "noise mult.", "sample rate", "steps", "records used"):
         table.add_column(column, justify="right")
     table.add_column("excluded")
+    shown = report["federation"].get("display_names", {})
+
+    def name(unit: str) -> str:
+        display = shown.get(unit, unit)
+        return unit if display == unit else f"{display} ({unit})"
+
     for unit in report["privacy"]["per_unit"]:
         if unit["refused"]:
-            table.add_row(unit["unit"], "refused", "", "", "", "", unit["refusal"])
+            table.add_row(name(unit["unit"]), "refused", "", "", "", "", unit["refusal"])
             continue
         table.add_row(
-            unit["unit"],
+            name(unit["unit"]),
             f"{unit['epsilon']:.3f}",
             f"{unit['noise_multiplier']:.3f}",
             f"{unit['sample_rate']:.4f}",
@@ -160,19 +237,159 @@ def _print_summary(report: dict, out: Path) -> None:
             ", ".join(f"{k} {v}" for k, v in unit["excluded"].items()),
         )
     console.print(table)
-    ceiling = metrics["auc_ceiling"]
+    model = report.get("model")
+    if model is not None and model["type"] != "k_means":
+        metrics = model["metrics"]
+
+        def interval(name: str) -> str:
+            bounds = metrics.get(f"{name}_interval")
+            return f" [{bounds[0]:.4g}, {bounds[1]:.4g}]" if bounds else ""
+
+        if metrics.get("rmse") is not None:
+            console.print(
+                f"global RMSE [bold]{metrics['rmse']:.4g}[/bold]{interval('rmse')}"
+                f"  MAE {metrics['mae']:.4g}{interval('mae')}"
+                f"  on {metrics['test_customers']} held-out customers ({model['evaluation']})"
+            )
+        elif metrics.get("auc") is not None:
+            ceiling = metrics["auc_ceiling"]
+            console.print(
+                f"global AUC [bold]{metrics['auc']:.4f}[/bold]{interval('auc')}"
+                + (f" (ceiling {ceiling:.4f})" if ceiling else "")
+                + (
+                    f"  log-loss {metrics['log_loss']:.4f}"
+                    if metrics.get("log_loss") is not None
+                    else ""
+                )
+                + (f"  Brier {metrics['brier']:.4f}" if metrics.get("brier") is not None else "")
+                + f"  on {metrics['test_customers']} held-out customers ({model['evaluation']})"
+            )
+        if model["evaluation"] == "dp":
+            console.print("  (intervals: 95%, for the evaluation's noise)")
+    results = report.get("results") or {}
+    for answer in results.get("answers", [])[:40]:
+        group = ", ".join(f"{k}={v}" for k, v in (answer.get("group") or {}).items())
+        low, high = answer["interval"]
+        console.print(
+            f"{answer['name']}{' [' + group + ']' if group else ''}: "
+            f"[bold]{answer['value']:.4g}[/bold]  95% [{low:.4g}, {high:.4g}]"
+        )
+    if len(results.get("answers", [])) > 40:
+        console.print(f"... {len(results['answers']) - 40} more answers in results.json")
+    for segment in results.get("segments", []):
+        console.print(
+            f"segment {segment['segment']}: size {segment['size']:.0f}  centroid "
+            + ", ".join(f"{k} {v:.3g}" for k, v in segment["centroid"].items())
+        )
     console.print(
-        f"global AUC [bold]{metrics['auc']:.4f}[/bold]"
-        + (f" (ceiling {ceiling:.4f}, gap {ceiling - metrics['auc']:.4f})" if ceiling else "")
-        + f"  log-loss {metrics['log_loss']:.4f}  Brier {metrics['brier']:.4f}"
-        + f"  on {metrics['test_customers']} held-out customers ({report['model']['evaluation']})"
-    )
-    console.print(
-        f"privacy: every BU epsilon <= {report['job']['epsilon']} at delta {report['privacy']['delta']:g}"
+        f"privacy: every BU epsilon <= {job['epsilon']} at delta {report['privacy']['delta']:g}"
         f" (max {max((u['epsilon'] for u in report['privacy']['per_unit']), default=0):.3f})"
     )
+    console.print(f"run directory: {out}  (report.html, report.json, results.json, job.json, ...)")
+
+
+@app.command(epilog=EXIT_CODES)
+def preview(
+    job_file: Annotated[Path, typer.Argument(help="the job file (TOML)")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="the BUs' silos (their bu.toml files only are read); default: synthetic"),
+    ] = None,
+    units: Annotated[int, typer.Option(help="synthetic BUs to preview against")] = 5,
+    json_out: Annotated[bool, typer.Option("--json", help="print the preview as JSON")] = False,
+) -> None:
+    """Print, without reading data or spending budget, the expected error of every answer and the
+    privacy cost per BU."""
+    import json
+
+    from federation.job import Job, load_job_file
+    from federation.preview import preview as build_preview
+    from privacy.unit_config import UnitConfig
+
+    job = Job.parse(load_job_file(job_file), source=str(job_file))
+    if data is not None:
+        from simulations.runner import silo_configs
+
+        configs = [UnitConfig.load(path) for path in silo_configs(data)]
+    else:
+        from simulations.synthetic import unit_names, unit_schema
+
+        configs = [unit_schema(name) for name in unit_names(units)]
+    result = build_preview(job, configs)
+    if json_out:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+        return
+    cost = Table(
+        title=f"privacy cost per BU ({result.job.kind.value} job, purpose {result.job.purpose})"
+    )
+    for column in ("unit", "epsilon", "delta"):
+        cost.add_column(column)
+    for line in result.cost:
+        cost.add_row(line["unit"], f"{line['epsilon']:g}", f"{line['delta']:g}")
+    console.print(cost)
+    noise = Table(title="noise of each release (grid units)")
+    for column in (
+        "release",
+        "times",
+        "z",
+        "part",
+        "sensitivity",
+        "sigma per BU",
+        "std in sum",
+        "95% +-",
+    ):
+        noise.add_column(column, justify="left" if column in ("release", "part") else "right")
+    for release in result.releases:
+        for part in release.parts:
+            noise.add_row(
+                release.phase,
+                str(release.rounds),
+                "exact" if release.multiplier is None else f"{release.multiplier:.3f}",
+                part["part"],
+                f"{part['sensitivity']:g}",
+                f"{part['sigma_per_unit']:.2f}",
+                f"{part['std_in_sum']:.2f}",
+                str(part["half_width_95"]),
+            )
+    console.print(noise)
+    if result.answers:
+        answers = Table(title="expected error of every answer (95% interval half-width)")
+        keys = [k for k in result.answers[0] if k not in ("group",)]
+        answers.add_column("group")
+        for key in keys:
+            answers.add_column(key)
+        for row in result.answers:
+            answers.add_row(
+                ", ".join(f"{k}={v}" for k, v in (row.get("group") or {}).items()),
+                *(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys),
+            )
+        console.print(answers)
+    for note in result.notes:
+        console.print(note)
+    console.print("nothing was read and nothing was spent")
+
+
+@app.command(epilog=EXIT_CODES)
+def score(
+    run: Annotated[Path, typer.Argument(help="a run directory (of a model or segments job)")],
+    data: Annotated[
+        Path,
+        typer.Option(help="this BU's silo directory (with its bu.toml), or its bu.toml"),
+    ],
+    out: Annotated[Path, typer.Option(help="the scores file to write (.csv or .parquet)")],
+    home: HomeOption = None,
+) -> None:
+    """Score this BU's customers with a run's model, inside the BU: one row per consented customer
+    (pseudonymised), e.g. this week's churn-risk list. Nothing leaves the BU."""
+    from clients.scoring import score_unit
+    from privacy.unit_config import UNIT_CONFIG_FILE
+
+    bu_config = data / UNIT_CONFIG_FILE if data.is_dir() else data
+    result = score_unit(run, bu_config, out, home=home)
     console.print(
-        f"run directory: {out}  (report.html, report.json, model.pt, metrics.jsonl, job.json)"
+        f"wrote {result.customers} {result.column}s to {result.out} "
+        f"({result.held_out} of them held out in the run); excluded: "
+        + ", ".join(f"{k} {v}" for k, v in result.excluded.items())
     )
 
 
@@ -211,15 +428,111 @@ def data_synth(
     )
 
 
+@data_app.command("split")
+def data_split(
+    table: Annotated[
+        Path,
+        typer.Argument(
+            help="one customer table (CSV or Parquet), or with --transactions one row per purchase"
+        ),
+    ],
+    by: Annotated[
+        str,
+        typer.Option(
+            help="the column whose values become the BUs; with --transactions also "
+            "'acquisition_month' (the month of each customer's first purchase)"
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="directory to write the silos into")],
+    label: Annotated[
+        str | None, typer.Option(help="the label column: one yes/no per customer")
+    ] = None,
+    positive: Annotated[
+        str | None, typer.Option(help="the label's value that counts as yes (e.g. 'yes')")
+    ] = None,
+    id: Annotated[
+        str | None,
+        typer.Option(
+            "--id", help="the customer id column; without it each row is its own customer"
+        ),
+    ] = None,
+    drop: Annotated[
+        list[str] | None, typer.Option(help="leave a column out (repeatable), e.g. a leaky one")
+    ] = None,
+    sep: Annotated[
+        str | None,
+        typer.Option(help="field separator (default: detected; 'whitespace' for runs of blanks)"),
+    ] = None,
+    min_customers: Annotated[
+        int, typer.Option(help="values of --by with fewer customers are merged into 'other'")
+    ] = 50,
+    transactions: Annotated[
+        bool,
+        typer.Option(
+            "--transactions",
+            help="TABLE holds purchases (needs --id, --timestamp, --amount); writes customers "
+            "and transactions for the ltv task",
+        ),
+    ] = False,
+    timestamp: Annotated[
+        str | None, typer.Option(help="with --transactions: the purchase date column")
+    ] = None,
+    amount: Annotated[
+        str | None, typer.Option(help="with --transactions: the purchase amount column")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+) -> None:
+    """Turn one table of your own into BU silos, one per value of --by, each with its bu.toml
+    (schema, purposes) and a consent export granting those purposes; review the bu.toml files."""
+    from datetime import UTC, datetime
+
+    from simulations.split import SplitRequest, split_table
+
+    result = split_table(
+        SplitRequest(
+            table=table,
+            by=by,
+            out=out,
+            label=label,
+            positive=positive,
+            id=id,
+            drop=tuple(drop or ()),
+            sep=sep,
+            min_customers=min_customers,
+            transactions=transactions,
+            timestamp=timestamp,
+            amount=amount,
+            overwrite=overwrite,
+        ),
+        now=datetime.now(UTC),
+    )
+    summary = Table(title=f"{len(result.units)} silos in {result.directory}")
+    for column in ("unit", by, "customers", "rows"):
+        summary.add_column(column, justify="right" if column in ("customers", "rows") else "left")
+    for unit in result.units:
+        summary.add_row(unit.name, unit.display_name, str(unit.customers), str(unit.rows))
+    console.print(summary)
+    record = result.privacy_unit == "record"
+    console.print(
+        f"privacy unit: {result.privacy_unit}"
+        + ("  (no --id: each row counts as its own customer)" if record else "")
+    )
+    console.print(
+        f"purposes declared and granted in each consent export: {', '.join(result.purposes)}"
+    )
+    if result.proposed_special:
+        console.print(
+            "proposed as sensitive by their names (kept out of every purpose; confirm in each "
+            "bu.toml): " + ", ".join(f"{c} ({t})" for c, t in result.proposed_special.items())
+        )
+    for note in result.notes:
+        console.print(f"note: {note}")
+
+
 consent_app = typer.Typer(help="A BU's consent registry.", no_args_is_help=True)
 keys_app = typer.Typer(help="A BU's keys: encryption at rest and rotation.", no_args_is_help=True)
 app.add_typer(consent_app, name="consent")
 app.add_typer(keys_app, name="keys")
-
-BuConfig = Annotated[Path, typer.Option("--bu-config", help="the BU's bu.toml")]
-HomeOption = Annotated[
-    Path | None, typer.Option("--home", help="the BU's home (default: `home` in bu.toml)")
-]
 
 
 def _unit(bu_config: Path, home: Path | None):

@@ -7,13 +7,18 @@ every BU inside each round's instruction. It never carries a seed: seeds exist o
 
 from __future__ import annotations
 
+import tomllib
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from federation.evaluation import DP_SCORE_BINS
 from federation.features import FeatureSpec
+from federation.queries import QuerySpec
+from federation.segments import SegmentsSpec
 from privacy.errors import ConfigurationError
 
 
@@ -25,11 +30,26 @@ class NoisePlacement(StrEnum):
     DISTRIBUTED = "distributed"  # each BU adds a share of integer noise; only the sum is noised
 
 
+class JobKind(StrEnum):
+    MODEL = "model"  # train a task's model (and evaluate it)
+    QUERY = "query"  # answer an analytics query with error bars
+    SEGMENTS = "segments"  # federated k-means segmentation
+
+
 class Task(StrEnum):
-    CHURN = "churn"
+    CHURN = "churn"  # binary: will the customer leave?
+    RESPONSE = "response"  # binary: will the customer answer a campaign?
+    LTV = "ltv"  # regression: the customer's spend in a coming period
 
 
-DEFAULT_PURPOSE = {Task.CHURN: "churn_model"}
+DEFAULT_PURPOSE = {
+    Task.CHURN: "churn_model",
+    Task.RESPONSE: "response_model",
+    Task.LTV: "ltv_model",
+}
+
+
+EVALUATION_SHARE = 3  # by default the DP evaluation spends a third of a model job's epsilon
 
 
 class _Frozen(BaseModel):
@@ -47,10 +67,20 @@ class Training(_Frozen):
 
 
 class Evaluation(_Frozen):
-    """Held-out test customers are chosen by a keyed hash of the customer id, never by the data."""
+    """Held-out test customers are chosen by a keyed hash of the customer id, never by the data.
+
+    `dp` (the default): after the last round each BU releases score histograms of its held-out
+    customers with discrete Gaussian noise, spending `epsilon` out of the job's epsilon (training is
+    calibrated for the rest). `exact`: exact histograms after every round, not DP; for development
+    on synthetic data, and listed as disclosed in the report."""
 
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
     holdout_key: str = Field("silofed-holdout-v1", min_length=8)
+    mode: Literal["dp", "exact"] = "dp"
+    epsilon: float | None = Field(
+        None, gt=0, description="the DP evaluation's share of the job's epsilon (default: a third)"
+    )
+    bins: int = Field(DP_SCORE_BINS, ge=3, le=1000, description="public score bins (dp)")
 
 
 class SecureAggregation(_Frozen):
@@ -70,8 +100,19 @@ class SecureAggregation(_Frozen):
     )
 
 
+class QueryRecipe(BaseModel):
+    """A query by recipe name (`federation.recipes`) and its parameters, expanded into a full query
+    spec by the coordinator from the silos' declared bounds and domains."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    purpose: str
+    recipe: str
+    units: tuple[str, ...] = ()
+
+
 class Job(_Frozen):
     schema_version: Literal[1] = 1
+    kind: JobKind = JobKind.MODEL
     task: Task = Task.CHURN
     purpose: str = ""
     rounds: int = Field(5, ge=1, le=10_000)
@@ -87,17 +128,77 @@ class Job(_Frozen):
     features: FeatureSpec | None = Field(
         None, description="resolved by the coordinator from the silos' declared schemas"
     )
+    query: QuerySpec | QueryRecipe | None = Field(
+        None, description="kind = query: the query, or a recipe the coordinator expands"
+    )
+    segments: SegmentsSpec | None = Field(None, description="kind = segments: the k-means job")
 
     @model_validator(mode="before")
     @classmethod
-    def _default_purpose(cls, data: object) -> object:
-        if isinstance(data, dict) and not data.get("purpose"):
-            try:
-                task = Task(data.get("task", Task.CHURN))
-            except ValueError:
-                return data  # the field validator names the bad task
-            return {**data, "purpose": DEFAULT_PURPOSE[task]}
+    def _defaults(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        kind = data.get("kind", JobKind.MODEL)
+        if kind == JobKind.SEGMENTS and data.get("segments") is None:
+            data["segments"] = {}
+        if not data.get("purpose"):
+            query = data.get("query")
+            if kind == JobKind.QUERY and query is not None:
+                data["purpose"] = query.get("purpose") if isinstance(query, dict) else query.purpose
+            elif kind == JobKind.SEGMENTS:
+                segments = data["segments"]
+                data["purpose"] = (
+                    segments.get("purpose", SegmentsSpec.model_fields["purpose"].default)
+                    if isinstance(segments, dict)
+                    else segments.purpose
+                )
+            else:
+                try:
+                    data["purpose"] = DEFAULT_PURPOSE[Task(data.get("task", Task.CHURN))]
+                except ValueError:
+                    return data  # the field validator names the bad task
+        if kind in (JobKind.QUERY, JobKind.SEGMENTS) and "rounds" not in data:
+            segments = data.get("segments")
+            data["rounds"] = (
+                1
+                if kind == JobKind.QUERY
+                else (
+                    segments.get("iterations", SegmentsSpec.model_fields["iterations"].default)
+                    if isinstance(segments, dict)
+                    else segments.iterations
+                )
+            )
         return data
+
+    @model_validator(mode="after")
+    def _kind_has_its_section(self) -> Job:
+        if self.kind is JobKind.QUERY and self.query is None:
+            raise ValueError("kind = 'query' needs a [query] table (a query or a recipe)")
+        if self.kind is not JobKind.QUERY and self.query is not None:
+            raise ValueError(f"a [query] table needs kind = 'query', not '{self.kind}'")
+        if self.kind is not JobKind.SEGMENTS and self.segments is not None:
+            raise ValueError(f"a [segments] table needs kind = 'segments', not '{self.kind}'")
+        if self.kind is JobKind.QUERY and self.rounds != 1:
+            raise ValueError("a query job runs in one round; drop 'rounds'")
+        if self.kind is JobKind.SEGMENTS and self.rounds != self.segments_spec.iterations:
+            raise ValueError("a segments job runs one round per iteration; set segments.iterations")
+        for section in (self.query, self.segments):
+            if section is not None and section.purpose != self.purpose:
+                raise ValueError(
+                    f"the job's purpose '{self.purpose}' differs from its section's "
+                    f"'{section.purpose}'; name it once"
+                )
+        if (
+            self.kind is JobKind.MODEL
+            and self.evaluation.mode == "dp"
+            and not self.evaluation_epsilon < self.epsilon
+        ):
+            raise ValueError(
+                f"evaluation.epsilon ({self.evaluation_epsilon}) must be below the job's epsilon "
+                f"({self.epsilon}): the DP evaluation spends part of it and training the rest"
+            )
+        return self
 
     @model_validator(mode="after")
     def _central_noise_needs_secure_aggregation(self) -> Job:
@@ -108,6 +209,28 @@ class Job(_Frozen):
                 "(add --secure-aggregation)"
             )
         return self
+
+    @property
+    def evaluation_epsilon(self) -> float:
+        """What the DP evaluation spends: `evaluation.epsilon`, or a third of the job's."""
+        if self.evaluation.epsilon is not None:
+            return self.evaluation.epsilon
+        return self.epsilon / EVALUATION_SHARE
+
+    @property
+    def query_spec(self) -> QuerySpec:
+        if not isinstance(self.query, QuerySpec):
+            raise ConfigurationError(
+                "this job's query is not resolved; the coordinator expands recipes from the "
+                "silos' declared schemas before the first round"
+            )
+        return self.query
+
+    @property
+    def segments_spec(self) -> SegmentsSpec:
+        if self.segments is None:
+            raise ConfigurationError("this job is not a segments job")
+        return self.segments
 
     @property
     def feature_spec(self) -> FeatureSpec:
@@ -132,3 +255,23 @@ class Job(_Frozen):
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
             )
             raise ConfigurationError(f"{source}: invalid job: {problems}") from None
+
+
+MAX_JOB_FILE_BYTES = 1_000_000
+
+
+def load_job_file(path: Path) -> dict:
+    """A job file's TOML as a dict; errors name the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JOB_FILE_BYTES:
+            raise ConfigurationError(
+                f"{path}: a job file is at most {MAX_JOB_FILE_BYTES} bytes; this one is larger"
+            )
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigurationError(f"{path}: no such job file") from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{path}: a job file is UTF-8 text (TOML)") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigurationError(f"{path}: not valid TOML ({err})") from None

@@ -1,5 +1,6 @@
-"""Model definitions shared by the coordinator (initialisation, saving, scoring) and the BUs
-(training). Parameters travel as a list of numpy arrays in `state_dict` order."""
+"""Model parameters shared by the coordinator (initialisation, saving, scoring) and the BUs
+(training). Parameters travel as a list of numpy arrays in `state_dict` order. The models themselves
+belong to the tasks (`federation.tasks`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,12 @@ import torch
 from torch import nn
 
 from federation.job import Task
+from federation.tasks import adapter
 
 
 def build_model(task: Task, input_dim: int) -> nn.Module:
-    """A fresh model for `task`. Churn: logistic regression (one linear layer on [0, 1] features),
-    the model family of the synthetic ground truth and of the baselines in docs/benchmarks.md."""
-    if task is Task.CHURN:
-        return nn.Linear(input_dim, 1)
-    raise ValueError(f"no model for task {task}")
+    """A fresh model for `task` (see `federation.tasks`)."""
+    return adapter(task).build_model(input_dim)
 
 
 def initial_parameters(task: Task, input_dim: int) -> list[np.ndarray]:
@@ -44,6 +43,5 @@ def set_parameters(model: nn.Module, parameters: list[np.ndarray]) -> None:
 
 
 def predict_proba(model: nn.Module, features: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        logits = model(torch.as_tensor(features, dtype=torch.float32)).squeeze(-1)
-        return torch.sigmoid(logits).numpy().astype(np.float64)
+    """A binary task's probabilities (every binary task's model is the same)."""
+    return adapter(Task.CHURN).predict(model, features)

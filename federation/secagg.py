@@ -22,3 +22,17 @@ def shares_and_threshold(units: int) -> tuple[int, int]:
 def grid_scale(config: SecureAggregation) -> float:
     """Grid steps per parameter unit of Flower's quantisation: q / (2 x clipping range)."""
     return config.quantization_range / (2 * config.clipping_range)
+
+
+MODULUS_RANGE = 2**32  # SecAgg+'s modulus: the sum of quantised replies must stay below it
+STATISTICS_RANGE_LIMIT = 2**24
+
+
+def statistics_range(units: int) -> int:
+    """The public range +-R of a statistics release under SecAgg+ (an integer grid of step 1 over
+    [-R, R]): the largest power of two up to 2^24 whose grid, summed over `units` BUs, stays below
+    the modulus. A BU whose counts or sums leave it refuses to send rather than be clipped."""
+    bound = STATISTICS_RANGE_LIMIT
+    while bound > 1 and units * 2 * bound >= MODULUS_RANGE:
+        bound //= 2
+    return bound

@@ -22,8 +22,10 @@ _PREFIX = "silofed."
 
 
 class Phase(StrEnum):
-    TRAIN = "train"
-    EVALUATE = "evaluate"
+    TRAIN = "train"  # a model update (DP-SGD, or a clipped update for central/distributed noise)
+    EVALUATE = "evaluate"  # score statistics of the held-out customers
+    QUERY = "query"  # a query's integer vector
+    SEGMENTS = "segments"  # one k-means iteration: per-cluster sums and counts
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,9 @@ class UnitReport(BaseModel):
     noise_multiplier: float = Field(gt=0)
     sample_rate: float = Field(gt=0, le=1)
     steps: int = Field(ge=0, description="DP-SGD steps taken in this run so far")
+    releases: int = Field(
+        0, ge=0, description="statistics releases (evaluation, query, k-means) in this run so far"
+    )
 
     KEY: ClassVar[str] = _PREFIX + "unit_report"
 

@@ -138,11 +138,13 @@ def calibrate_noise_multiplier(
     return high
 
 
-def central_noise_multiplier(target_epsilon: float, delta: float, rounds: int) -> float:
+def central_noise_multiplier(
+    target_epsilon: float, delta: float, rounds: int, *, spent: Sequence[DpSgdEvent] = ()
+) -> float:
     """Central placement: the multiplier z of the Gaussian noise (std z x sensitivity) the
     coordinator adds to each round's sum so that `rounds` rounds, every BU taking part in each
-    (no sampling), spend at most `target_epsilon` at `delta`."""
-    return calibrate_noise_multiplier(target_epsilon, delta, 1.0, rounds)
+    (no sampling), composed with `spent`, spend at most `target_epsilon` at `delta`."""
+    return calibrate_noise_multiplier(target_epsilon, delta, 1.0, rounds, spent=spent)
 
 
 def central_noise_std(noise_multiplier: float, clip_norm: float) -> float:
@@ -178,6 +180,7 @@ def distributed_plan(
     scale: float,
     threshold: int,
     colluding: int,
+    spent: Sequence[DpSgdEvent] = (),
 ) -> DistributedPlan:
     """Shares calibrated from the start for the reconstruction threshold t: any sum of at least t
     BUs' replies, of which at most `colluding` BUs reveal their own shares to the coordinator,
@@ -197,7 +200,7 @@ def distributed_plan(
     l2_bound = math.sqrt(
         c * c + dimension / 4 + math.sqrt(2 * math.log(1 / beta)) * (c + math.sqrt(dimension) / 2)
     )
-    z = central_noise_multiplier(target_epsilon, delta, rounds)
+    z = central_noise_multiplier(target_epsilon, delta, rounds, spent=spent)
     total = z * 2 * l2_bound
     share = total / math.sqrt(threshold - colluding)
     if share < 4:

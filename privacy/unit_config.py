@@ -42,6 +42,11 @@ class Minors(_Frozen):
     member state; PIPL Art. 31: 14)."""
 
     age: int = Field(16, ge=13, le=21)
+    adults_only: bool = Field(
+        False,
+        description="the steward attests that the silo holds no customer younger than `age`; "
+        "needed when the silo has no customers.age column (otherwise the rule cannot be checked)",
+    )
 
 
 class PrivacyPolicy(_Frozen):

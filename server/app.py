@@ -20,9 +20,9 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.serverapp import Grid, ServerApp
 
-from federation.features import FeatureSpec, resolve_feature_spec
-from federation.job import Job, NoisePlacement, Task
-from federation.models import build_model, set_parameters
+from federation.exchanges import exchange_rounds, planned_evaluation, resolve_job
+from federation.job import Job, JobKind, NoisePlacement
+from federation.saved import saved_model
 from privacy.accounting import central_noise_multiplier
 from privacy.atomic import write_atomic
 from privacy.errors import ConfigurationError
@@ -30,13 +30,11 @@ from privacy.samplers import SecureSource, SeededSource
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.artefacts import new_run_id, publish, staging_dir
 from server.noise import AppliedUpdates, CentralGaussianNoise
-from server.report import build_report, render_html
+from server.report import build_report, build_results, render_html
 from server.run import RunPlan, RunRecord
 from server.secure_aggregation import secure_workflows
 from server.strategy import FederatedRounds
 from server.workflow import RoundsWorkflow
-
-MODEL_FORMAT = "silofed.model/1"
 
 
 def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
@@ -53,12 +51,16 @@ def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
         inner = CentralGaussianNoise(
             inner,
             clip_norm=job.training.clip_norm,
-            noise_multiplier=central_noise_multiplier(job.epsilon, job.delta, job.rounds),
+            noise_multiplier=central_noise_multiplier(
+                job.epsilon, job.delta, job.rounds, spent=planned_evaluation(job)
+            ),
             source=source,
         )
     strategy = FederatedRounds(inner, record)
     legacy = LegacyContext(
-        context=context, config=ServerConfig(num_rounds=plan.job.rounds), strategy=strategy
+        context=context,
+        config=ServerConfig(num_rounds=exchange_rounds(plan.job)),
+        strategy=strategy,
     )
     secure = plan.job.secure_aggregation
     workflows = secure_workflows(units, secure) if secure.enabled else None
@@ -72,38 +74,19 @@ def write_run_directory(record: RunRecord, parameters: list) -> None:
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "job.json", job.model_dump_json(indent=2))
-    model = build_model(job.task, job.feature_spec.dim)
-    set_parameters(model, parameters)
-    buffer = io.BytesIO()
-    torch.save(
-        {
-            "format": MODEL_FORMAT,
-            "task": job.task.value,
-            "state_dict": model.state_dict(),
-            "feature_spec": job.feature_spec.model_dump_json(),
-        },
-        buffer,
-    )
-    write_atomic(out / "model.pt", buffer.getvalue())
+    if job.kind is not JobKind.QUERY:
+        buffer = io.BytesIO()
+        torch.save(saved_model(job, parameters), buffer)
+        write_atomic(out / "model.pt", buffer.getvalue())
     lines = [
         json.dumps({"round": s.server_round, **s.metrics, "epsilon": s.epsilon}, sort_keys=True)
         for s in record.rounds
     ]
     write_atomic(out / "metrics.jsonl", "\n".join(lines) + "\n")
     report = build_report(record)
+    write_atomic(out / "results.json", json.dumps(build_results(record, report), indent=2))
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     write_atomic(out / "report.html", render_html(report))
-
-
-def load_model(path: Path):
-    """The model and feature spec of a run directory's `model.pt` (loaded with weights_only)."""
-    saved = torch.load(path, weights_only=True)
-    if saved.get("format") != MODEL_FORMAT:
-        raise ConfigurationError(f"{path}: not a silofed model file")
-    spec = FeatureSpec.model_validate_json(saved["feature_spec"])
-    model = build_model(Task(saved["task"]), spec.dim)
-    model.load_state_dict(saved["state_dict"])
-    return model, spec
 
 
 def plan_from_run_config(context: Context) -> RunPlan:
@@ -120,7 +103,7 @@ def plan_from_run_config(context: Context) -> RunPlan:
         {k: config[k] for k in ("task", "rounds", "epsilon", "delta") if k in config},
         source="run config",
     )
-    job = job.model_copy(update={"features": resolve_feature_spec(job.task, schemas)})
+    job = resolve_job(job, schemas)
     run_id = new_run_id()
     return RunPlan(
         run_id=run_id,

@@ -6,11 +6,10 @@ Both are rendered from the run record, i.e. from what the BUs released, never fr
 
 from __future__ import annotations
 
-import html
-import io
 import math
 from importlib.metadata import version
 
+from federation.job import JobKind
 from server.run import RunRecord
 
 REPORT_SCHEMA_VERSION = 1
@@ -22,7 +21,7 @@ def _finite(value: float | None) -> float | None:
 
 def build_report(record: RunRecord) -> dict:
     plan, job = record.plan, record.plan.job
-    final = record.rounds[-1].metrics if record.rounds else {}
+    final = _final_metrics(record)
     per_unit = [
         {
             "unit": r.unit,
@@ -35,6 +34,7 @@ def build_report(record: RunRecord) -> dict:
             "noise_multiplier": r.noise_multiplier,
             "sample_rate": r.sample_rate,
             "steps": r.steps,
+            "releases": r.releases,
             "records_used": r.records_used,
             "records_test": r.records_test,
             "excluded": dict(r.excluded),
@@ -62,49 +62,28 @@ def build_report(record: RunRecord) -> dict:
             "epsilon": job.epsilon,
             "delta": job.delta,
             "training": job.training.model_dump(),
+            "kind": job.kind.value,
+            "evaluation": job.evaluation.model_dump(),
+            "query": job.query.model_dump(mode="json") if job.query is not None else None,
+            "segments": job.segments.model_dump(mode="json") if job.segments is not None else None,
         },
         "federation": {
             "mode": plan.mode,
             "seed": plan.seed if plan.mode == "simulation" else None,
             "units": record.units,
+            "display_names": {u: plan.display_names.get(u, u) for u in record.units},
             "refused_units": sorted(record.refused),
             "dropouts": list(record.dropouts),
             "rounds_completed": record.rounds_completed,
-            "strategy": (
-                "FedAvg (uniform weights under SecAgg+)"
-                if job.secure_aggregation.enabled
-                else "FedAvg (weighted by records used)"
-            ),
+            "strategy": _strategy(job),
             "secure_aggregation": job.secure_aggregation.enabled,
             "secure_aggregation_threshold": _threshold(plan),
         },
-        "model": {
-            "type": "logistic_regression",
-            "features": list(job.feature_spec.output_names),
-            "metrics": {
-                "auc": _finite(final.get("auc")),
-                "log_loss": _finite(final.get("log_loss")),
-                "brier": _finite(final.get("brier")),
-                "auc_ceiling": _finite(plan.auc_ceiling),
-                "test_customers": int(final.get("test_customers", 0)),
-            },
-            "evaluation": "exact",
-            "evaluation_note": (
-                "Metrics are computed from the BUs' exact score histograms of their held-out "
-                "customers; these histograms are not differentially private (see privacy.disclosed)."
-            ),
-        },
+        "model": _model_section(record, final),
+        "results": record.results,
         "privacy": {
-            "unit": "customer",
-            "mechanism": (
-                "central Gaussian: BU updates clipped to the norm C, summed under SecAgg+, exact "
-                "discrete Gaussian noise of std 2zC added by the coordinator"
-                if job.noise.value == "central"
-                else "distributed discrete Gaussian: BU updates clipped to the norm C, rounded onto "
-                "SecAgg+'s grid, plus each BU's discrete Gaussian share, summed under SecAgg+"
-                if job.noise.value == "distributed"
-                else "DP-SGD (Opacus): Poisson sampling, per-customer clipping, Gaussian noise"
-            ),
+            "unit": plan.privacy_unit,
+            "mechanism": _mechanism(job),
             "noise_placement": job.noise.value,
             "secure_aggregation": job.secure_aggregation.enabled,
             "accountant": f"RDP (opacus {version('opacus')})",
@@ -119,26 +98,42 @@ def build_report(record: RunRecord) -> dict:
             "disclosed": [
                 {
                     "item": "records_used",
-                    "description": "training customers per BU (FedAvg weight; implied by the sample rate)",
+                    "description": (
+                        "training customers per BU (FedAvg weight; implied by the sample rate)"
+                        if job.kind is JobKind.MODEL
+                        else "eligible customers per BU (after consent, minimisation and quality)"
+                    ),
                     "values": {r.unit: r.records_used for r in reports},
                 },
-                {
-                    "item": "records_test",
-                    "description": "held-out customers per BU",
-                    "values": {r.unit: r.records_test for r in reports},
-                },
+                *(
+                    [
+                        {
+                            "item": "records_test",
+                            "description": "held-out customers per BU",
+                            "values": {r.unit: r.records_test for r in reports},
+                        }
+                    ]
+                    if job.kind is JobKind.MODEL
+                    else []
+                ),
                 {
                     "item": "excluded",
                     "description": "customers excluded per BU, by reason",
                     "values": {r.unit: dict(r.excluded) for r in reports},
                 },
-                {
-                    "item": "evaluation_histograms",
-                    "description": (
-                        "per-BU counts of held-out customers per score bin and label, and sums of "
-                        "log-loss and Brier terms, exact (not DP) in this version"
-                    ),
-                },
+                *(
+                    [
+                        {
+                            "item": "evaluation_histograms",
+                            "description": (
+                                "per-BU counts of held-out customers per score bin and label, and "
+                                "sums of log-loss and Brier terms, exact (evaluation.mode = exact)"
+                            ),
+                        }
+                    ]
+                    if job.kind is JobKind.MODEL and job.evaluation.mode == "exact"
+                    else []
+                ),
                 {
                     "item": "quality",
                     "description": (
@@ -175,7 +170,148 @@ def build_report(record: RunRecord) -> dict:
     }
 
 
+def _final_metrics(record: RunRecord) -> dict:
+    """The metrics of the last round that evaluated (a DP evaluation follows the last round only)."""
+    for summary in reversed(record.rounds):
+        if summary.metrics:
+            return summary.metrics
+    return {}
+
+
+def _strategy(job) -> str:
+    if job.kind is JobKind.QUERY:
+        return "sum of the BUs' noisy integer vectors"
+    if job.kind is JobKind.SEGMENTS:
+        return "federated k-means (Lloyd iterations on summed per-cluster sums and counts)"
+    if job.secure_aggregation.enabled:
+        return "FedAvg (uniform weights under SecAgg+)"
+    return "FedAvg (weighted by records used)"
+
+
+def _mechanism(job) -> str:
+    releases = (
+        "discrete Gaussian (Canonne, Kamath & Steinke 2020) on integer counts and grid sums, "
+        f"{_placement_words(job)}"
+    )
+    if job.kind is not JobKind.MODEL:
+        return releases
+    if job.noise.value == "central":
+        training = (
+            "central Gaussian: BU updates clipped to the norm C, summed under SecAgg+, exact "
+            "discrete Gaussian noise of std 2zC added by the coordinator"
+        )
+    elif job.noise.value == "distributed":
+        training = (
+            "distributed discrete Gaussian: BU updates clipped to the norm C, rounded onto "
+            "SecAgg+'s grid, plus each BU's discrete Gaussian share, summed under SecAgg+"
+        )
+    else:
+        training = "DP-SGD (Opacus): Poisson sampling, per-customer clipping, Gaussian noise"
+    if job.evaluation.mode == "dp":
+        return f"{training}; evaluation: {releases}"
+    return training
+
+
+def _placement_words(job) -> str:
+    return {
+        "local": "each BU adding the full noise to its own vector",
+        "central": "the coordinator adding the noise to the secure sum",
+        "distributed": "each BU adding a share of the noise under SecAgg+",
+    }[job.noise.value]
+
+
+def _model_section(record: RunRecord, final: dict) -> dict | None:
+    plan, job = record.plan, record.plan.job
+    if job.kind is JobKind.QUERY:
+        return None
+    if job.kind is JobKind.SEGMENTS:
+        return {
+            "type": "k_means",
+            "features": list(job.feature_spec.output_names),
+            "metrics": {},
+            "evaluation": "none",
+            "evaluation_note": "segments are described by their DP sizes and centroids (results)",
+        }
+    from federation.tasks import adapter
+
+    task = adapter(job.task)
+    dp = job.evaluation.mode == "dp"
+    metrics: dict = {
+        "auc": _finite(final.get("auc")),
+        "log_loss": _finite(final.get("log_loss")),
+        "brier": _finite(final.get("brier")),
+        "auc_ceiling": _finite(plan.auc_ceiling),
+        "test_customers": round(final.get("test_customers", 0) or 0),
+    }
+    if task.kind == "regression":
+        metrics.update({"rmse": _finite(final.get("rmse")), "mae": _finite(final.get("mae"))})
+    if dp and record.evaluation is not None:
+        metrics.update(
+            {
+                k: v
+                for k, v in record.evaluation.items()
+                if k.endswith("_interval") and isinstance(v, list | tuple)
+            }
+        )
+    return {
+        # ltv: a linear layer with a logistic link on the scaled spend (docs/tasks.md)
+        "type": "fractional_logistic_regression"
+        if task.kind == "regression"
+        else "logistic_regression",
+        "features": list(job.feature_spec.output_names),
+        "metrics": metrics,
+        "metric_names": list(task.metrics),
+        "evaluation": job.evaluation.mode,
+        "evaluation_epsilon": job.evaluation_epsilon if dp else None,
+        "evaluation_note": (
+            (
+                "Metrics are computed from the sum of the BUs' sums of clipped errors of their "
+                "held-out customers"
+                if task.kind == "regression"
+                else "Metrics are computed from the sum of the BUs' score histograms of their "
+                "held-out customers"
+            )
+            + ", each released with discrete Gaussian noise (evaluation.epsilon of the job's "
+            "epsilon); curves and intervals are in results.json."
+            if dp
+            else "Metrics are computed from the BUs' exact score histograms of their held-out "
+            "customers; these histograms are not differentially private (see privacy.disclosed)."
+        ),
+        "curves": record.evaluation,
+    }
+
+
+def build_results(record: RunRecord, report: dict) -> dict:
+    """`results.json`: what the run answered, with noise scales, intervals and epsilon per BU."""
+    job = record.plan.job
+    return {
+        "schema_version": 1,
+        "run_id": record.plan.run_id,
+        "kind": job.kind.value,
+        "purpose": job.purpose,
+        "noise_placement": job.noise.value,
+        "delta": job.delta,
+        "epsilon": {u["unit"]: u["epsilon"] for u in report["privacy"]["per_unit"]},
+        "results": record.results,
+        "evaluation": record.evaluation,
+    }
+
+
 def _guarantees(job, reports) -> list[str]:
+    if job.kind is not JobKind.MODEL:
+        trust = {
+            "local": "holds without trusting the coordinator",
+            "central": "trusting the coordinator to add the noise to the secure sum",
+            "distributed": (
+                "provided SecAgg+ completes and at most "
+                f"{job.secure_aggregation.colluding} BU(s) reveal their shares"
+            ),
+        }[job.noise.value]
+        return [
+            f"Each BU's released counts and sums are ({r.epsilon:.3f}, {job.delta:g})-DP for "
+            f"its customers over this run ({trust})."
+            for r in reports
+        ]
     if job.noise.value == "distributed":
         return [
             f"Each BU's customers get ({r.epsilon:.3f}, {job.delta:g})-DP over this run from the "
@@ -203,9 +339,10 @@ def _guarantees(job, reports) -> list[str]:
 
 
 def _unit_level(job) -> str:
+    from federation.exchanges import planned_evaluation
     from privacy.accounting import DpSgdEvent, central_noise_multiplier, dp_sgd_epsilon
 
-    z = central_noise_multiplier(job.epsilon, job.delta, job.rounds)
+    z = central_noise_multiplier(job.epsilon, job.delta, job.rounds, spent=planned_evaluation(job))
     unit_level = dp_sgd_epsilon([DpSgdEvent(2 * z, 1.0, job.rounds)], job.delta)
     return (
         f"BU level: the released models are ({unit_level:.3f}, {job.delta:g})-DP with respect to "
@@ -222,100 +359,6 @@ def _threshold(plan) -> dict | None:
     return {"shares": shares, "threshold": threshold, "units": plan.expected_units}
 
 
-def _svg_chart(
-    series: dict[str, list[tuple[int, float]]], ylabel: str, hline: tuple[str, float] | None
-) -> str:
-    import matplotlib
+from server.html import render_html  # noqa: E402  (re-exported: the report's two renderings)
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    for label, points in series.items():
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=label)
-    if hline is not None:
-        ax.axhline(hline[1], linestyle="--", color="grey", label=hline[0])
-    ax.set_xlabel("round")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", metadata={"Date": None})
-    plt.close(fig)
-    svg = buffer.getvalue()
-    return svg[svg.index("<svg") :]
-
-
-def render_html(report: dict) -> str:
-    e = html.escape
-    metrics = report["model"]["metrics"]
-    rounds = report["rounds"]
-    auc_chart = _svg_chart(
-        {"global AUC": [(r["round"], r["metrics"]["auc"]) for r in rounds]},
-        "AUC",
-        ("ceiling (true model)", metrics["auc_ceiling"]) if metrics["auc_ceiling"] else None,
-    )
-    units = report["federation"]["units"]
-    eps_chart = _svg_chart(
-        {u: [(r["round"], r["epsilon"][u]) for r in rounds if u in r["epsilon"]] for u in units},
-        "epsilon (cumulative)",
-        ("target", report["job"]["epsilon"]),
-    )
-    rows = "".join(
-        "<tr>"
-        + "".join(
-            f"<td>{e(str(v))}</td>"
-            for v in (
-                u["unit"],
-                "refused: " + u["refusal"] if u["refused"] else f"{u['epsilon']:.3f}",
-                f"{u.get('noise_multiplier', 0):.3f}",
-                f"{u.get('sample_rate', 0):.4f}",
-                u.get("steps", ""),
-                u.get("records_used", ""),
-                ", ".join(f"{k}: {n}" for k, n in u.get("excluded", {}).items()),
-                ", ".join(u.get("columns_used", [])),
-                ", ".join(f"{d['column']} ({d['reason']})" for d in u.get("columns_dropped", [])),
-            )
-        )
-        + "</tr>"
-        for u in report["privacy"]["per_unit"]
-    )
-    disclosed = "".join(
-        f"<li><b>{e(d['item'])}</b>: {e(d['description'])}</li>"
-        for d in report["privacy"]["disclosed"]
-    )
-    guarantees = "".join(f"<li>{e(g)}</li>" for g in report["privacy"]["guarantees"])
-    out_of_scope = "".join(f"<li>{e(g)}</li>" for g in report["privacy"]["out_of_scope"])
-
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
-
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>silofed run {e(report["run_id"])}</title>
-<style>
-body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;font-size:.85em}}td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top}}
-th{{background:#f3f3f3}}.kv td:first-child{{font-weight:600}}
-</style></head><body>
-<h1>silofed run <code>{e(report["run_id"])}</code></h1>
-<table class="kv">
-<tr><td>task / purpose</td><td>{e(report["job"]["task"])} / {e(report["job"]["purpose"])}</td></tr>
-<tr><td>mode</td><td>{e(report["federation"]["mode"])} (seed: {e(str(report["federation"]["seed"]))})</td></tr>
-<tr><td>business units</td><td>{e(", ".join(units))}</td></tr>
-<tr><td>rounds completed</td><td>{report["federation"]["rounds_completed"]} of {report["job"]["rounds"]}</td></tr>
-<tr><td>privacy target</td><td>epsilon &le; {report["job"]["epsilon"]} per BU at delta = {report["privacy"]["delta"]:g}, unit: {e(report["privacy"]["unit"])}</td></tr>
-<tr><td>global AUC</td><td>{fmt(metrics["auc"])} (ceiling {fmt(metrics["auc_ceiling"])}); log-loss {fmt(metrics["log_loss"])}; Brier {fmt(metrics["brier"])}; evaluation: {e(report["model"]["evaluation"])}</td></tr>
-</table>
-<h2>Model quality per round</h2>{auc_chart}
-<h2>Privacy spent per round</h2>{eps_chart}
-<h2>Per business unit</h2>
-<table><tr><th>unit</th><th>epsilon</th><th>noise multiplier</th><th>sample rate</th><th>steps</th><th>records used</th><th>excluded</th><th>columns used</th><th>columns dropped</th></tr>{rows}</table>
-<h2>Guarantees</h2><ul>{guarantees}</ul>
-<h2>Disclosed without differential privacy</h2><ul>{disclosed}</ul>
-<h2>Out of scope</h2><ul>{out_of_scope}</ul>
-<p><small>{e(report["privacy"]["mechanism"])}; accountant {e(report["privacy"]["accountant"])}; randomness: {e(report["privacy"]["randomness"])}. {e(report["model"]["evaluation_note"])}</small></p>
-</body></html>
-"""
+__all__ = ["build_report", "build_results", "render_html"]

@@ -36,6 +36,8 @@ class RunPlan:
     started_at: datetime
     seed: int | None = None
     auc_ceiling: float | None = None
+    privacy_unit: Literal["customer", "record"] = "customer"  # record: one row per customer assumed
+    display_names: dict[str, str] = field(default_factory=dict)  # unit -> original name (data split)
     on_round: RoundCallback | None = None
 
 
@@ -46,19 +48,59 @@ class RunRecord:
     unit_reports: dict[str, UnitReport] = field(default_factory=dict)  # latest per unit
     refused: dict[str, str] = field(default_factory=dict)  # unit -> reason
     dropouts: list[dict] = field(default_factory=list)  # round, phase, reason
+    evaluation: dict | None = None  # the DP evaluation: metrics, curves, intervals
+    results: dict | None = None  # a query's answers or the segments (results.json)
     _pending_epsilon: dict[str, float] = field(default_factory=dict)
+    _pending_metrics: dict[str, float] = field(default_factory=dict)
 
     def record_training(self, reports: list[UnitReport]) -> None:
         for report in reports:
             self.unit_reports[report.unit] = report
         self._pending_epsilon = {r.unit: r.epsilon for r in reports}
 
-    def record_evaluation(self, server_round: int, metrics: dict[str, float]) -> RoundSummary:
-        summary = RoundSummary(server_round, metrics, dict(sorted(self._pending_epsilon.items())))
+    def record_release(self, reports: list[UnitReport]) -> None:
+        """A query or k-means release: the BUs' reports are the run's figures."""
+        self.record_training(reports)
+
+    def record_evaluation_release(self, reports: list[UnitReport], evaluation: dict) -> None:
+        """The DP evaluation: epsilon figures from the release, DP-SGD figures from training."""
+        for report in reports:
+            trained = self.unit_reports.get(report.unit)
+            if trained is None:
+                self.unit_reports[report.unit] = report
+                continue
+            self.unit_reports[report.unit] = trained.model_copy(
+                update={
+                    "epsilon": report.epsilon,
+                    "epsilon_total": report.epsilon_total,
+                    "epsilon_unit_total": report.epsilon_unit_total,
+                    "records_test": report.records_test,
+                    "releases": trained.releases + report.releases,
+                }
+            )
+            self._pending_epsilon[report.unit] = report.epsilon
+        self.evaluation = evaluation
+        self.record_metrics(
+            {k: float(v) for k, v in evaluation.items() if isinstance(v, int | float)}
+        )
+
+    def record_metrics(self, metrics: dict[str, float]) -> None:
+        self._pending_metrics.update(metrics)
+
+    def finish_round(self, server_round: int) -> RoundSummary:
+        summary = RoundSummary(
+            server_round, dict(self._pending_metrics), dict(sorted(self._pending_epsilon.items()))
+        )
+        self._pending_metrics = {}
         self.rounds.append(summary)
         if self.plan.on_round is not None:
             self.plan.on_round(summary)
         return summary
+
+    def record_evaluation(self, server_round: int, metrics: dict[str, float]) -> RoundSummary:
+        """An exact evaluation that ends round `server_round`."""
+        self.record_metrics(metrics)
+        return self.finish_round(server_round)
 
     @property
     def rounds_completed(self) -> int:

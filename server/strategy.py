@@ -1,12 +1,13 @@
 """`FederatedRounds`: the strategy wrapper that makes every silofed exchange a Flower train round.
 
 It wraps the model-averaging strategy (FedAvg by default) and adds what silofed needs around it:
-the typed instruction in every message, evaluation exchanges that sum the BUs' score statistics,
-refusals kept apart from updates, and a BU failure that fails the run instead of being averaged
-away. Training itself is delegated unchanged to the wrapped strategy.
+the typed instruction in every message, statistics exchanges (evaluation, queries, k-means
+iterations) whose integer vectors it sums and turns into answers with error bars, refusals kept
+apart from updates, and a BU failure that fails the run instead of being averaged away. Training
+itself is delegated unchanged to the wrapped strategy.
 
 Every exchange is a train message because Flower 1.41's SecAgg+ only covers those, so that
-evaluation (and later queries) can be securely summed the same way.
+evaluation, queries and k-means are securely summed the same way as model updates.
 """
 
 from __future__ import annotations
@@ -19,10 +20,23 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from federation.evaluation import SCORE_BINS, ScoreSummary
+from federation.evaluation import (
+    SCORE_BINS,
+    ScoreSummary,
+    dp_binary_metrics,
+    dp_regression_metrics,
+)
+from federation.exchanges import phases, release_layout, release_multiplier
+from federation.job import JobKind
 from federation.models import initial_parameters
+from federation.queries import query_answers
+from federation.secagg import shares_and_threshold
+from federation.segments import initial_centroids, update_centroids
+from federation.tasks import adapter
 from federation.wire import Instruction, Phase, UnitReport, refusal_of
 from privacy.errors import RefusedByUnit, RunFailed
+from privacy.mechanisms import Placement
+from privacy.samplers import SecureSource, SeededSource
 from server.run import RunRecord
 
 
@@ -31,7 +45,11 @@ class FederatedRounds(Strategy):
         self.inner = inner
         self.record = record
         self.phase = Phase.TRAIN
-        self.completed: dict[Phase, int] = {Phase.TRAIN: 0, Phase.EVALUATE: 0}
+        self.completed: dict[Phase, int] = dict.fromkeys(Phase, 0)
+        self._current: list[np.ndarray] = []
+        seed = record.plan.seed
+        # The coordinator's own noise (central placement): OS entropy, or the simulation seed.
+        self._source = SecureSource() if seed is None else SeededSource(seed + 1)
 
     def __repr__(self) -> str:
         return f"FederatedRounds({self.inner!r})"
@@ -42,6 +60,12 @@ class FederatedRounds(Strategy):
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
         job = self._plan.job
+        if job.kind is JobKind.SEGMENTS:
+            return ndarrays_to_parameters(
+                [initial_centroids(job.segments_spec, job.feature_spec.dim)]
+            )
+        if job.kind is JobKind.QUERY:
+            return ndarrays_to_parameters([np.zeros(1)])  # a query sends no parameters
         return ndarrays_to_parameters(initial_parameters(job.task, job.feature_spec.dim))
 
     def _instruction(self, server_round: int) -> dict:
@@ -59,6 +83,7 @@ class FederatedRounds(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         config = self._instruction(server_round)
+        self._current = parameters_to_ndarrays(parameters)
         if self.phase is Phase.TRAIN:
             pairs = self.inner.configure_fit(server_round, parameters, client_manager)
             return [
@@ -101,16 +126,82 @@ class FederatedRounds(Strategy):
                 "every BU refused the job: "
                 + "; ".join(f"{u}: {r}" for u, r in sorted(self.record.refused.items()))
             )
-        if self.phase is Phase.EVALUATE:
-            self.record.record_evaluation(server_round, self._summed(answered).metrics())
-            self.completed[Phase.EVALUATE] = server_round
-            return None, {}
-        self.record.record_training([UnitReport.from_metrics(r.metrics) for _, r in answered])
-        parameters, metrics = self.inner.aggregate_fit(server_round, answered, [])
-        if parameters is None:
-            raise RunFailed(f"round {server_round}: the aggregation produced no model")
-        self.completed[Phase.TRAIN] = server_round
+        job = self._plan.job
+        last_of_round = self.phase is phases(job, server_round)[-1]
+        if self.phase is Phase.TRAIN:
+            self.record.record_training([UnitReport.from_metrics(r.metrics) for _, r in answered])
+            parameters, metrics = self.inner.aggregate_fit(server_round, answered, [])
+            if parameters is None:
+                raise RunFailed(f"round {server_round}: the aggregation produced no model")
+        elif self.phase is Phase.EVALUATE and release_layout(job, self.phase) is None:
+            self.record.record_metrics(self._summed(answered).metrics())
+            parameters, metrics = None, {}
+        else:
+            parameters, metrics = self._release(server_round, answered), {}
+        self.completed[self.phase] = server_round
+        if last_of_round:
+            self.record.finish_round(server_round)
         return parameters, metrics
+
+    def _release(
+        self, server_round: int, answered: list[tuple[ClientProxy, FitRes]]
+    ) -> Parameters | None:
+        """Sum the BUs' integer vectors, add the coordinator's noise under the central placement,
+        and turn the sum into answers with the noise it carries."""
+        job, phase = self._plan.job, self.phase
+        layout = release_layout(job, phase, server_round)
+        z = release_multiplier(job, phase)
+        assert layout is not None
+        total = self._integer_total(answered, layout.size)
+        placement = Placement(job.noise.value)
+        if z is not None and placement is Placement.CENTRAL:
+            total = layout.central_noise(total, z, self._source)
+        secure = job.secure_aggregation
+        threshold = shares_and_threshold(self._plan.expected_units)[1] if secure.enabled else 1
+        noise = layout.noise_in_sum(
+            z,
+            placement,
+            contributors=len(answered),
+            threshold=threshold,
+            colluding=secure.colluding,
+        )
+        reports = [UnitReport.from_metrics(r.metrics) for _, r in answered]
+        if phase is Phase.EVALUATE:
+            task = adapter(job.task, job.feature_spec)
+            if task.kind == "regression":
+                evaluation = dp_regression_metrics(
+                    total, noise, upper=task.upper_of(job.feature_spec)
+                )
+            else:
+                evaluation = dp_binary_metrics(total, noise, job.evaluation.bins)
+            self.record.record_evaluation_release(reports, evaluation)
+            return None
+        self.record.record_release(reports)
+        if phase is Phase.QUERY:
+            self.record.results = query_answers(job.query_spec, total, noise).to_json()
+            return None
+        update = update_centroids(total, noise, self._current[0], job.segments_spec)
+        self.record.results = update.to_json(job.feature_spec.output_names, job.feature_spec)
+        self.record.record_metrics({"segments_nonempty": float(np.sum(update.sizes > 0))})
+        return ndarrays_to_parameters([update.centroids])
+
+    def _integer_total(self, answered: list[tuple[ClientProxy, FitRes]], size: int) -> np.ndarray:
+        vectors = [parameters_to_ndarrays(r.parameters) for _, r in answered]
+        if any(len(v) != 1 or v[0].shape != (size,) for v in vectors):
+            raise RunFailed(
+                f"a BU's {self.phase} reply is not one vector of {size} values; the BUs and the "
+                "coordinator disagree on the job"
+            )
+        if self._plan.job.secure_aggregation.enabled:
+            # SecAgg+ hands every result the same secure mean (weights 1): times the number of
+            # BUs it is the sum of integers on the grid.
+            total = vectors[0][0] * len(answered)
+        else:
+            total = np.sum([v[0] for v in vectors], axis=0)
+        rounded = np.rint(total)
+        if not np.all(np.isfinite(total)) or np.max(np.abs(total - rounded), initial=0) > 1e-6:
+            raise RunFailed(f"the {self.phase} replies are not integers on the release grid")
+        return rounded.astype(np.int64)
 
     def _summed(self, answered: list[tuple[ClientProxy, FitRes]]) -> ScoreSummary:
         if self._plan.job.secure_aggregation.enabled:

@@ -1,8 +1,8 @@
 """The round workflow of a silofed run, on Flower's legacy workflow machinery.
 
-Like Flower's `DefaultWorkflow`, but each round is two exchanges through the same fit workflow
-(`default_fit_workflow`, or `SecAggPlusWorkflow` when secure aggregation is on): train, then evaluate
-the new global model. After each exchange it checks that the strategy really aggregated: Flower's
+Like Flower's `DefaultWorkflow`, but each round is one or more exchanges through the same fit
+workflow (`default_fit_workflow`, or `SecAggPlusWorkflow` when secure aggregation is on), as
+`federation.exchanges.phases` lists them: train then evaluate, a query, or a k-means iteration. After each exchange it checks that the strategy really aggregated: Flower's
 SecAgg+ workflow only logs "halted" and returns, and Flower then exits 0; silofed fails the run.
 """
 
@@ -20,6 +20,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid
 
+from federation.exchanges import phases
 from federation.wire import Phase
 from privacy.errors import RunFailed
 from server.strategy import FederatedRounds
@@ -28,7 +29,7 @@ from server.strategy import FederatedRounds
 class RoundsWorkflow:
     def __init__(self, workflows: dict[Phase, Workflow] | None = None) -> None:
         """`workflows`: the fit workflow of each phase (default: Flower's plain fit workflow)."""
-        self.workflows = workflows or {phase: default_fit_workflow for phase in Phase}
+        self.workflows = workflows or dict.fromkeys(Phase, default_fit_workflow)
 
     def __call__(self, grid: Grid, context: LegacyContext) -> list:
         """Run every round; return the final global parameters as numpy arrays."""
@@ -46,7 +47,7 @@ class RoundsWorkflow:
             context.state.config_records[MAIN_CONFIGS_RECORD] = config
             for server_round in range(1, context.config.num_rounds + 1):
                 config[Key.CURRENT_ROUND] = server_round
-                for phase in (Phase.TRAIN, Phase.EVALUATE):
+                for phase in phases(strategy.record.plan.job, server_round):
                     strategy.phase = phase
                     self.workflows[phase](grid, context)
                     if strategy.completed[phase] != server_round:

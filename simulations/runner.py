@@ -21,14 +21,15 @@ from clients.app import Node, make_client_app
 from clients.budget import would_admit
 from clients.silo import load_silo
 from clients.steward import encrypt_silo, prepare_simulated_home
-from federation.features import resolve_feature_spec
-from federation.job import Job
+from federation.exchanges import exchange_rounds, resolve_job, taking_part
+from federation.job import Job, JobKind, Task
 from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.app import make_server_app
 from server.artefacts import check_target, new_run_id, publish, staging_dir
 from server.run import RoundCallback, RunPlan
 from simulations.faults import Fault, fault_mod
+from simulations.split import display_names, read_privacy_unit
 from simulations.synthetic import read_ceiling, synthesize
 
 WORKSPACE = "simulation"
@@ -96,6 +97,12 @@ def simulate(
             )
             configs = silo_configs(silos_root)
         homes_root = Path(settings.homes) if settings.homes is not None else workspace / "homes"
+        # The job is made concrete from the declared schemas before any BU reads data: an
+        # undeclared purpose, a column the purpose forbids, a missing bound or domain stop here.
+        declared = {c: UnitConfig.load(c) for c in configs}
+        chosen = {c.unit for c in taking_part(job, list(declared.values()))}
+        configs = [path for path, config in declared.items() if config.unit in chosen]
+        job = resolve_job(job, [declared[c] for c in configs])
         nodes = []
         units = []
         refusals = {}
@@ -115,7 +122,6 @@ def simulate(
             units.append(config)
         if len(refusals) == len(configs):
             raise RefusedByUnit("every BU refuses the job: " + "; ".join(refusals.values()))
-        job = job.model_copy(update={"features": resolve_feature_spec(job.task, units)})
         plan = RunPlan(
             run_id=new_run_id(),
             job=job,
@@ -124,7 +130,13 @@ def simulate(
             out=staging,
             started_at=datetime.now(UTC),
             seed=settings.seed,
-            auc_ceiling=read_ceiling(silos_root, job.evaluation),
+            auc_ceiling=(
+                read_ceiling(silos_root, job.evaluation, task=job.task)
+                if job.kind is JobKind.MODEL and job.task is not Task.LTV
+                else None
+            ),
+            privacy_unit=read_privacy_unit(silos_root),
+            display_names=display_names(silos_root),
             on_round=on_round,
         )
         names = [u.unit for u in units]
@@ -136,7 +148,7 @@ def simulate(
         if not report_path.exists():
             raise RunFailed("the simulation ended without a report; see the Flower log above")
         report = json.loads(report_path.read_text())
-        if report["federation"]["rounds_completed"] != job.rounds:
+        if report["federation"]["rounds_completed"] != exchange_rounds(job):
             raise RunFailed(
                 f"only {report['federation']['rounds_completed']} of {job.rounds} rounds completed"
             )

@@ -2,11 +2,17 @@
 
 A seeded generator of K BU silos that look like a company's customer data: per BU a customers table
 (with a global person id so that a share of people are customers of several BUs, quasi-identifiers,
-and special-category columns no purpose may use), a transactions table, consent events, and a churn
+and special-category columns no purpose may use), a transactions table, consent events, a churn
 label drawn from a known logistic model of the very features the churn task computes (RFM, tenure,
-channel mix, age). BUs differ in size, behaviour and therefore base rate (non-IID). Because the
-ground truth is known, the generator reports the Bayes ceiling: the true model's AUC on the held-out
-test customers.
+channel mix, age), and a campaign-response label drawn from another known logistic model of the
+response task's features (RFM, tenure, product mix, age, region). BUs differ in size, behaviour and
+therefore base rate (non-IID). Because the ground truth is known, the generator reports the Bayes
+ceiling: the true model's AUC on the held-out test customers. The ltv task needs no drawn label: it
+predicts the spend in the period's last months, which the transactions already hold.
+
+The response label and the consent to the purposes added after the first version (`ltv_model`,
+`segmentation`, `analytics`) come from a second random stream, so that the churn data, its consent
+and its ground truth are what they were for the same seed.
 
 Layout written under OUT/: `manifest.json`, `ground_truth.parquet` (simulation only, never read by a
 BU), and one directory per BU with its `bu.toml`, `customers.*`, `transactions.*`, and `consent.*` (an
@@ -29,7 +35,8 @@ from clients.features import compute_features
 from clients.pipeline import held_out
 from federation.evaluation import exact_auc
 from federation.features import churn_features
-from federation.job import Evaluation
+from federation.job import DEFAULT_PURPOSE, Evaluation, Task
+from federation.tasks import adapter
 from privacy.errors import ConfigurationError
 from privacy.schema import ColumnRole, ColumnSpec, ColumnType, PurposePolicy, Sensitive, TableSpec
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
@@ -46,7 +53,8 @@ GENDERS = ("female", "male", "other")
 PRODUCTS = ("groceries", "electronics", "fashion", "services", "insurance")
 RELIGIONS = ("none", "christian", "muslim", "jewish", "hindu", "buddhist", "other")
 HEALTH = ("none", "diabetes", "asthma", "cardiac", "other")
-PURPOSES = ("churn_model", "response_model")
+PURPOSES = ("churn_model", "response_model")  # consent drawn from the first random stream
+LATER_PURPOSES = ("ltv_model", "segmentation", "analytics")  # from the second stream
 
 # The churn ground truth: logit = intercept + sum(coefficient x feature), features in [0, 1] as the
 # churn task computes them. Known, so the Bayes ceiling is known.
@@ -59,6 +67,17 @@ TRUE_COEFFICIENTS = {
     "channel=online": 0.8,
     "channel=app": -0.6,
     "age": -1.0,
+}
+# The campaign-response ground truth, over the response task's features (see `unit_schema`).
+RESPONSE_INTERCEPT = -2.5
+RESPONSE_COEFFICIENTS = {
+    "recency": -3.0,
+    "frequency": 3.0,
+    "tenure": 1.0,
+    "category=electronics": 4.0,
+    "category=insurance": -3.0,
+    "age": -2.5,
+    "region=north": 0.8,
 }
 
 
@@ -122,6 +141,7 @@ def unit_schema(unit: str, file_format: str = "parquet") -> UnitConfig:
             sensitive=Sensitive.HEALTH,
         ),
         "churned": col(ColumnType.BOOLEAN, ColumnRole.LABEL),
+        "responded": col(ColumnType.BOOLEAN, ColumnRole.LABEL),
     }
     transactions = {
         "customer_id": col(ColumnType.STRING, ColumnRole.IDENTIFIER),
@@ -157,7 +177,42 @@ def unit_schema(unit: str, file_format: str = "parquet") -> UnitConfig:
             ),
             "response_model": PurposePolicy(
                 join_keys=join,
-                features=("customers.age", "transactions.amount", "transactions.category"),
+                features=(
+                    "customers.age",
+                    "customers.gender",
+                    "customers.region",
+                    "customers.signup_date",
+                    "transactions.timestamp",
+                    "transactions.amount",
+                    "transactions.category",
+                ),
+                label="customers.responded",
+            ),
+            "ltv_model": PurposePolicy(
+                join_keys=join,
+                features=(
+                    "customers.signup_date",
+                    "transactions.timestamp",
+                    "transactions.amount",
+                ),
+                label="transactions.amount",
+            ),
+            "segmentation": PurposePolicy(
+                join_keys=join, features=("transactions.timestamp", "transactions.amount")
+            ),
+            "analytics": PurposePolicy(
+                join_keys=join,
+                features=(
+                    "customers.age",
+                    "customers.gender",
+                    "customers.region",
+                    "customers.signup_date",
+                    "customers.churned",
+                    "transactions.timestamp",
+                    "transactions.amount",
+                    "transactions.channel",
+                    "transactions.category",
+                ),
             ),
         },
     )
@@ -169,6 +224,8 @@ class SynthResult:
     units: list[str]
     auc_ceiling: float
     base_rates: dict[str, float]
+    response_auc_ceiling: float
+    response_base_rates: dict[str, float]
 
 
 def _people(rng: np.random.Generator, count: int) -> pd.DataFrame:
@@ -185,7 +242,11 @@ def _people(rng: np.random.Generator, count: int) -> pd.DataFrame:
 
 
 def _unit_tables(
-    rng: np.random.Generator, unit: str, profile: UnitProfile, people: pd.DataFrame
+    rng: np.random.Generator,
+    later: np.random.Generator,
+    unit: str,
+    profile: UnitProfile,
+    people: pd.DataFrame,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     n = len(people)
     prefix = unit[:3]
@@ -242,10 +303,30 @@ def _unit_tables(
 
     # Consent: most customers grant at signup; some never do; a few revoke later. For about half of
     # the minors (under 16) the grant was given by a guardian.
-    rows = []
     guardian = (age < 16) & (rng.random(n) < 0.5)
-    for purpose in PURPOSES:
-        grants = rng.random(n) < profile.consent_rate
+    rows = [
+        *_consent_events(rng, PURPOSES, ids, signup, guardian, profile.consent_rate),
+        *_consent_events(later, LATER_PURPOSES, ids, signup, guardian, profile.consent_rate),
+    ]
+    consent = pd.concat(rows, ignore_index=True).sort_values(
+        ["timestamp", "customer_id"], ignore_index=True
+    )
+    return customers, transactions, consent
+
+
+def _consent_events(
+    rng: np.random.Generator,
+    purposes: tuple[str, ...],
+    ids: np.ndarray,
+    signup: pd.DatetimeIndex,
+    guardian: np.ndarray,
+    consent_rate: float,
+) -> list[pd.DataFrame]:
+    """Per purpose: grants shortly after signup at the BU's consent rate, and a few revocations."""
+    n = len(ids)
+    rows = []
+    for purpose in purposes:
+        grants = rng.random(n) < consent_rate
         grant_time = signup + pd.to_timedelta(rng.integers(0, 30, size=n), unit="D")
         revokes = grants & (rng.random(n) < 0.04)
         revoke_time = grant_time + pd.to_timedelta(rng.integers(1, 600, size=n), unit="D")
@@ -261,15 +342,22 @@ def _unit_tables(
                     }
                 )
             )
-    consent = pd.concat(rows, ignore_index=True).sort_values(
-        ["timestamp", "customer_id"], ignore_index=True
-    )
-    return customers, transactions, consent
+    return rows
 
 
 def true_churn_probability(features: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
-    logit = np.full(len(features), TRUE_INTERCEPT)
-    for name, coefficient in TRUE_COEFFICIENTS.items():
+    return _logistic(features, names, TRUE_INTERCEPT, TRUE_COEFFICIENTS)
+
+
+def true_response_probability(features: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    return _logistic(features, names, RESPONSE_INTERCEPT, RESPONSE_COEFFICIENTS)
+
+
+def _logistic(
+    features: np.ndarray, names: tuple[str, ...], intercept: float, coefficients: dict[str, float]
+) -> np.ndarray:
+    logit = np.full(len(features), intercept)
+    for name, coefficient in coefficients.items():
         logit += coefficient * features[:, names.index(name)]
     return 1.0 / (1.0 + np.exp(-logit))
 
@@ -296,6 +384,7 @@ def synthesize(
         raise ConfigurationError(f"{out} exists; choose another --out or pass --overwrite")
 
     rng = np.random.default_rng(seed)
+    later = np.random.default_rng([seed, 1])  # the second stream (module docstring)
     names = unit_names(units)
     profiles = [PROFILES[i % len(PROFILES)] for i in range(units)]
     sizes = [max(50, round(customers * p.size)) for p in profiles]
@@ -311,6 +400,7 @@ def synthesize(
     )
     truth_rows = []
     base_rates: dict[str, float] = {}
+    response_rates: dict[str, float] = {}
     try:
         for unit, profile, size in zip(names, profiles, sizes, strict=True):
             shared = round(overlap * size)
@@ -322,7 +412,7 @@ def synthesize(
             )
             next_unique += size - min(shared, shared_pool)
             customers_df, transactions, consent = _unit_tables(
-                rng, unit, profile, people.iloc[chosen].reset_index(drop=True)
+                rng, later, unit, profile, people.iloc[chosen].reset_index(drop=True)
             )
             schema = unit_schema(unit, file_format)
             spec = churn_features(schema)
@@ -334,6 +424,19 @@ def synthesize(
             churned = rng.random(len(p_true)) < p_true
             customers_df["churned"] = churned
             base_rates[unit] = float(churned.mean())
+            response_spec = adapter(Task.RESPONSE).feature_spec(
+                [schema], DEFAULT_PURPOSE[Task.RESPONSE]
+            )
+            response_matrix = compute_features(
+                {"customers": customers_df.assign(responded=False), "transactions": transactions},
+                response_spec,
+            )
+            p_response = true_response_probability(
+                response_matrix.features, response_spec.output_names
+            )
+            responded = later.random(len(p_response)) < p_response
+            customers_df["responded"] = responded
+            response_rates[unit] = float(responded.mean())
             truth_rows.append(
                 pd.DataFrame(
                     {
@@ -341,6 +444,8 @@ def synthesize(
                         "customer_id": customers_df["customer_id"],
                         "p_true": p_true,
                         "churned": churned,
+                        "p_response": p_response,
+                        "responded": responded,
                     }
                 )
             )
@@ -359,6 +464,7 @@ def synthesize(
         truth = pd.concat(truth_rows, ignore_index=True)
         truth.to_parquet(staging / GROUND_TRUTH, index=False)
         ceiling = ceiling_auc(truth, Evaluation())
+        response_ceiling = ceiling_auc(truth, Evaluation(), task=Task.RESPONSE)
         manifest = {
             "generator": "silofed.simulations.synthetic",
             "version": 1,
@@ -370,6 +476,14 @@ def synthesize(
             "ground_truth": {"intercept": TRUE_INTERCEPT, "coefficients": TRUE_COEFFICIENTS},
             "base_rates": base_rates,
             "auc_ceiling": {"holdout_key": Evaluation().holdout_key, "value": ceiling},
+            "response": {
+                "ground_truth": {
+                    "intercept": RESPONSE_INTERCEPT,
+                    "coefficients": RESPONSE_COEFFICIENTS,
+                },
+                "base_rates": response_rates,
+                "auc_ceiling": {"holdout_key": Evaluation().holdout_key, "value": response_ceiling},
+            },
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         if out.exists():
@@ -379,21 +493,31 @@ def synthesize(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return SynthResult(out, names, ceiling, base_rates)
+    return SynthResult(out, names, ceiling, base_rates, response_ceiling, response_rates)
 
 
-def ceiling_auc(truth: pd.DataFrame, evaluation: Evaluation) -> float:
-    """AUC of the true churn probabilities on the held-out customers (all of them, consented or
-    not: consent is drawn independently of churn, so the ceiling is the same in expectation)."""
+# The ground truth's (probability, label) columns of each task with a drawn binary label.
+_TRUTH_COLUMNS = {Task.CHURN: ("p_true", "churned"), Task.RESPONSE: ("p_response", "responded")}
+
+
+def ceiling_auc(truth: pd.DataFrame, evaluation: Evaluation, *, task: Task = Task.CHURN) -> float:
+    """AUC of the true probabilities of `task` on the held-out customers (all of them, consented
+    or not: consent is drawn independently of the labels, so the ceiling is the same in
+    expectation)."""
+    probability, label = _TRUTH_COLUMNS[task]
     test = held_out(
         truth["customer_id"].to_numpy(), evaluation.holdout_key, evaluation.holdout_fraction
     )
-    return exact_auc(truth["p_true"].to_numpy()[test], truth["churned"].to_numpy()[test])
+    return exact_auc(truth[probability].to_numpy()[test], truth[label].to_numpy()[test])
 
 
-def read_ceiling(silos: Path, evaluation: Evaluation) -> float | None:
-    """The Bayes ceiling for `evaluation`'s split, when `silos` were written by this generator."""
+def read_ceiling(silos: Path, evaluation: Evaluation, *, task: Task = Task.CHURN) -> float | None:
+    """The Bayes ceiling of `task` for `evaluation`'s split, when `silos` were written by this
+    generator; None for other silos and for a task without a drawn label (ltv)."""
     path = Path(silos) / GROUND_TRUTH
-    if not path.exists():
+    if task not in _TRUTH_COLUMNS or not path.exists():
         return None
-    return ceiling_auc(pd.read_parquet(path), evaluation)
+    truth = pd.read_parquet(path)
+    if _TRUTH_COLUMNS[task][0] not in truth.columns:
+        return None  # written before the task's label existed
+    return ceiling_auc(truth, evaluation, task=task)

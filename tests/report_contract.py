@@ -11,12 +11,11 @@ TOP_LEVEL = {
     "job.rounds": int,
     "job.epsilon": float,
     "job.delta": float,
+    "job.kind": str,
     "federation.mode": str,
     "federation.units": list,
+    "federation.display_names": dict,
     "federation.rounds_completed": int,
-    "model.metrics.auc": float,
-    "model.metrics.log_loss": float,
-    "model.evaluation": str,
     "privacy.unit": str,
     "privacy.delta": float,
     "privacy.disclosed": list,
@@ -48,14 +47,34 @@ def lookup(report: dict, dotted: str):
     return value
 
 
-def assert_report_contract(report: dict) -> None:
-    for dotted, kind in TOP_LEVEL.items():
+# A model job's report (issue #2; the binary tasks' metrics), by task kind.
+MODEL = {"model.evaluation": str, "model.metrics.test_customers": int}
+BINARY = {"model.metrics.auc": float, "model.metrics.log_loss": float}
+REGRESSION = {"model.metrics.rmse": float, "model.metrics.mae": float}
+
+
+def _check(report: dict, fields: dict) -> None:
+    for dotted, kind in fields.items():
         value = lookup(report, dotted)
         assert isinstance(value, kind), f"{dotted} is {type(value).__name__}, not {kind.__name__}"
+
+
+def assert_report_contract(report: dict) -> None:
+    _check(report, TOP_LEVEL)
     assert "seed" in report["federation"]
-    assert "auc_ceiling" in report["model"]["metrics"]
     assert report["federation"]["mode"] in ("simulation", "deployment")
-    assert report["model"]["evaluation"] in ("exact", "dp")
+    kind = report["job"]["kind"]
+    assert kind in ("model", "query", "segments")
+    if kind == "model":
+        _check(report, MODEL)
+        assert "auc_ceiling" in report["model"]["metrics"]
+        assert report["model"]["evaluation"] in ("exact", "dp")
+        _check(report, REGRESSION if report["job"]["task"] == "ltv" else BINARY)
+    elif kind == "query":
+        assert report["model"] is None and isinstance(report["results"]["answers"], list)
+    else:
+        assert report["model"]["type"] == "k_means"
+        assert isinstance(report["results"]["segments"], list)
     assert report["privacy"]["unit"] in ("customer", "record")
     for unit in report["privacy"]["per_unit"]:
         if unit.get("refused"):

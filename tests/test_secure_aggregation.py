@@ -23,7 +23,7 @@ from federation.evaluation import ScoreSummary
 from federation.features import resolve_feature_spec
 from federation.job import Job, SecureAggregation
 from federation.models import initial_parameters
-from federation.secagg import shares_and_threshold
+from federation.secagg import shares_and_threshold, statistics_range
 from federation.wire import UNIT_KEY, Instruction, Phase
 from privacy.errors import ConfigurationError, RunFailed
 from server.run import RunPlan, RunRecord
@@ -39,6 +39,7 @@ def _job(**update) -> Job:
     return Job(
         rounds=1,
         secure_aggregation=SECURE,
+        evaluation={"mode": "exact"},
         features=resolve_feature_spec("churn", [unit_schema("x")]),
     ).model_copy(update=update)
 
@@ -52,7 +53,10 @@ def test_shares_and_threshold_follow_the_number_of_units() -> None:
 def test_ranges_that_would_wrap_around_the_modulus_are_refused() -> None:
     workflows = secure_workflows(5, SECURE)
     assert workflows[Phase.TRAIN].clipping_range == 32.0
-    assert workflows[Phase.EVALUATE].quantization_range == 2**21
+    # statistics releases share one workflow: step 1 over [-2^24, 2^24] for 5 BUs
+    assert workflows[Phase.EVALUATE].quantization_range == 2**25
+    assert workflows[Phase.QUERY] is workflows[Phase.SEGMENTS] is workflows[Phase.EVALUATE]
+    assert [statistics_range(n) for n in (3, 127, 128, 5000)] == [2**24, 2**24, 2**23, 2**18]
     with pytest.raises(ConfigurationError, match="overflow"):
         secure_workflows(5000, SECURE)
 

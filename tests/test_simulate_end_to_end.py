@@ -16,8 +16,8 @@ from clients.features import compute_features
 from clients.silo import load_silo
 from federation.evaluation import exact_auc
 from federation.models import predict_proba
+from federation.saved import load_model
 from privacy.unit_config import UnitConfig
-from server.app import load_model
 from tests.report_contract import assert_report_contract
 
 pytestmark = pytest.mark.flower
@@ -61,6 +61,7 @@ def test_simulate_three_units_two_rounds_writes_a_complete_run_directory(tmp_pat
         "model.pt",
         "report.html",
         "report.json",
+        "results.json",
         "simulation",
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging directory left behind
@@ -89,7 +90,11 @@ def test_simulate_three_units_two_rounds_writes_a_complete_run_directory(tmp_pat
         assert not any("religion" in c or "health" in c for c in unit["columns_used"])
     metrics = report["model"]["metrics"]
     assert metrics["auc_ceiling"] is not None
-    assert metrics["auc"] > metrics["auc_ceiling"] - 0.08  # 2 rounds on 1,500 customers
+    # DP evaluation (the default) on ~300 held-out customers: an honest, wide interval; the
+    # model's quality itself is checked exactly below, inside one BU.
+    assert report["model"]["evaluation"] == "dp"
+    low, high = metrics["auc_interval"]
+    assert 0.0 <= low <= high <= 1.0 and high - low > 0.05
 
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2]
@@ -139,7 +144,7 @@ def test_encrypted_silos_give_the_same_results_as_plaintext(tmp_path: Path) -> N
         "transactions.parquet.enc",
     ]
     plain, encrypted = reports["plain"], reports["encrypted"]
-    assert encrypted["model"]["metrics"] == pytest.approx(plain["model"]["metrics"], rel=1e-9)
+    assert encrypted["model"]["metrics"] == plain["model"]["metrics"]  # same seed, same run
     for a, b in zip(plain["privacy"]["per_unit"], encrypted["privacy"]["per_unit"], strict=True):
         assert (a["encrypted_at_rest"], b["encrypted_at_rest"]) == (False, True)
         for key in (

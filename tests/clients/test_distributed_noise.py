@@ -109,6 +109,7 @@ def test_a_unit_records_the_total_noise_it_is_calibrated_for(small_silos, tmp_pa
         epsilon=3.0,
         noise=NoisePlacement.DISTRIBUTED,
         secure_aggregation=SECURE,
+        evaluation={"mode": "exact"},  # training alone spends the job's epsilon
         features=resolve_feature_spec("churn", [unit_schema("x")]),
     )
     bu_config = small_silos / "ecommerce" / "bu.toml"

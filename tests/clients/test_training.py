@@ -102,7 +102,12 @@ def test_client_reports_cumulative_epsilon_over_rounds_kept_in_its_ledger(
 ) -> None:
     """Flower re-creates the client every round (here: even its context); the BU's ledger in its
     home keeps the run's history."""
-    job = Job(rounds=2, epsilon=2.0, features=resolve_feature_spec("churn", [unit_schema("x")]))
+    job = Job(
+        rounds=2,
+        epsilon=2.0,
+        evaluation={"mode": "exact"},  # training alone spends the job's epsilon
+        features=resolve_feature_spec("churn", [unit_schema("x")]),
+    )
     node = _node(small_silos, tmp_path)
     params = initial_parameters(job.task, job.feature_spec.dim)
     reports = []
@@ -153,6 +158,7 @@ def test_a_round_that_would_exceed_the_target_is_refused_before_training(
 def test_under_central_noise_a_unit_sends_a_clipped_update_and_records_a_gaussian(
     small_silos: Path, tmp_path: Path
 ) -> None:
+    from federation.exchanges import planned_evaluation
     from federation.job import NoisePlacement, SecureAggregation
     from privacy.accounting import central_noise_multiplier
     from privacy.ledger import GaussianEvent
@@ -171,7 +177,9 @@ def test_under_central_noise_a_unit_sends_a_clipped_update_and_records_a_gaussia
     norm = float(np.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in update)))
     assert weight == 1 and norm <= job.training.clip_norm * (1 + 1e-6)
     report = UnitReport.from_metrics(metrics)
-    z = central_noise_multiplier(2.0, job.delta, 4)
+    # training is calibrated for what the DP evaluation after round 4 leaves of epsilon 2
+    z = central_noise_multiplier(2.0, job.delta, 4, spent=planned_evaluation(job))
+    assert z > central_noise_multiplier(2.0, job.delta, 4)
     assert (report.noise_multiplier, report.sample_rate, report.steps) == (z, 1.0, 1)
     with UnitHome(node.home, UnitConfig.load(node.bu_config)).ledger() as ledger:
         (entry,) = ledger.entries(run_id="run-1")

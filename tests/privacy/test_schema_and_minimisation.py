@@ -283,6 +283,7 @@ def test_minimise_for_churn_drops_the_expected_columns(schema: UnitConfig) -> No
         ColumnDrop("customers.person_id", DropReason.NOT_ALLOWED),
         ColumnDrop("customers.religion", DropReason.SPECIAL_CATEGORY),
         ColumnDrop("customers.health_condition", DropReason.SPECIAL_CATEGORY),
+        ColumnDrop("customers.responded", DropReason.NOT_ALLOWED),
         ColumnDrop("transactions.category", DropReason.NOT_ALLOWED),
     )
 

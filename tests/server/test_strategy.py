@@ -62,8 +62,12 @@ class SumPlusOne(Strategy):
     initialize_parameters = configure_evaluate = aggregate_evaluate = evaluate = None
 
 
-def _record(tmp_path: Path, units: int = 2) -> RunRecord:
-    job = Job(rounds=1, features=resolve_feature_spec("churn", [unit_schema("x")]))
+def _record(tmp_path: Path, units: int = 2, evaluation: str = "exact") -> RunRecord:
+    job = Job(
+        rounds=1,
+        evaluation={"mode": evaluation},
+        features=resolve_feature_spec("churn", [unit_schema("x")]),
+    )
     plan = RunPlan(
         run_id="r1",
         job=job,

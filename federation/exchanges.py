@@ -1,0 +1,149 @@
+"""The exchanges of a job, and the statistics releases among them.
+
+A job runs as rounds of exchanges, each a Flower train message (the only kind SecAgg+ covers):
+
+- `model`: every round trains (DP-SGD or clipped updates); the evaluation of the global model follows
+  the last round (`evaluation.mode = "dp"`: one discrete Gaussian release of score histograms over the
+  held-out customers, spending `evaluation.epsilon`) or every round (`"exact"`: exact histograms, not
+  DP, for development on synthetic data only).
+- `query`: one round, one release: the query's integer vector.
+- `segments`: one round per k-means iteration, one release each: per-cluster sums and counts.
+
+Both sides derive, from the public job alone, which exchanges a round holds, the layout of each
+release and its noise multiplier z, so the BU knows what noise to add and the coordinator what noise
+the sum carries. Nothing here reads data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from federation.evaluation import regression_layout, score_layout
+from federation.job import Job, JobKind, QueryRecipe
+from federation.queries import resolve_query
+from federation.release import ReleaseLayout
+from federation.segments import segment_feature_spec, segments_layout
+from federation.tasks import adapter
+from federation.wire import Phase
+from privacy.accounting import DpSgdEvent
+from privacy.errors import ConfigurationError
+from privacy.mechanisms import noise_multiplier
+from privacy.unit_config import UnitConfig
+
+
+def resolve_job(job: Job, configs: Sequence[UnitConfig]) -> Job:
+    """The job made concrete from the BUs' declared schemas (public metadata, never data): the
+    model's or the segmentation's features, or the query (recipes expanded), checked against every
+    taking part BU's declared purposes, columns, bounds and domains before any BU reads data."""
+    if not configs:
+        raise ConfigurationError("no BU schema to resolve the job against")
+    for config in configs:
+        if job.purpose not in config.purposes:
+            raise ConfigurationError(
+                f"unit '{config.unit}' does not declare the purpose '{job.purpose}' in its "
+                f"bu.toml ([purposes.{job.purpose}]); its steward must declare it, or leave the "
+                "BU out of the job"
+            )
+    if job.kind is JobKind.QUERY:
+        section = job.query
+        spec = resolve_query(
+            section.model_dump() if isinstance(section, QueryRecipe) else section, configs
+        )
+        spec.check_against(configs)
+        return job.model_copy(update={"query": spec})
+    if job.kind is JobKind.SEGMENTS:
+        spec = segment_feature_spec(configs, job.segments_spec)
+        return job.model_copy(update={"features": spec})
+    return job.model_copy(update={"features": adapter(job.task).feature_spec(configs, job.purpose)})
+
+
+def taking_part(job: Job, configs: Sequence[UnitConfig]) -> list[UnitConfig]:
+    """The BUs a job names (a query's `units`), or all of them; an unknown name is an error."""
+    names = job.query.units if job.kind is JobKind.QUERY and job.query is not None else ()
+    if not names:
+        return list(configs)
+    known = {c.unit: c for c in configs}
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ConfigurationError(
+            f"query.units names {unknown}, which are not among the BUs {sorted(known)}"
+        )
+    return [known[n] for n in names]
+
+
+def job_columns(job: Job) -> tuple[str, ...]:
+    """The silo columns (qualified) the job's exchanges read: its purpose must allow them."""
+    if job.kind is JobKind.QUERY:
+        return job.query_spec.columns
+    return job.feature_spec.columns
+
+
+def exchange_rounds(job: Job) -> int:
+    """The number of rounds the coordinator runs for `job`."""
+    if job.kind is JobKind.QUERY:
+        return 1
+    if job.kind is JobKind.SEGMENTS:
+        return job.segments_spec.iterations
+    return job.rounds
+
+
+def phases(job: Job, server_round: int) -> tuple[Phase, ...]:
+    """The exchanges of round `server_round`, in order."""
+    if job.kind is JobKind.QUERY:
+        return (Phase.QUERY,)
+    if job.kind is JobKind.SEGMENTS:
+        return (Phase.SEGMENTS,)
+    if job.evaluation.mode == "exact" or server_round == job.rounds:
+        return (Phase.TRAIN, Phase.EVALUATE)
+    return (Phase.TRAIN,)
+
+
+def is_last_exchange(job: Job, phase: Phase, server_round: int) -> bool:
+    return server_round == exchange_rounds(job) and phase is phases(job, server_round)[-1]
+
+
+def evaluation_round(job: Job) -> int:
+    """The ledger round under which a model job's DP evaluation is recorded: the exchange after
+    the last training round (training rounds are 1..rounds)."""
+    return job.rounds + 1
+
+
+def release_layout(job: Job, phase: Phase, server_round: int = 1) -> ReleaseLayout | None:
+    """The layout of the release of `phase` in `server_round`; None for training and for the
+    exact evaluation of a binary task (which uses the exact `ScoreSummary`). A segments job's
+    first round may carry more centroids than k (the public seeding cells)."""
+    if phase is Phase.QUERY:
+        return job.query_spec.layout()
+    if phase is Phase.SEGMENTS:
+        spec = job.segments_spec
+        clusters = spec.round_clusters[0] if server_round == 1 else spec.k
+        return segments_layout(spec, job.feature_spec.dim, clusters=clusters)
+    if phase is Phase.EVALUATE:
+        task = adapter(job.task, job.feature_spec)
+        if task.kind == "regression":
+            return regression_layout(task.upper_of(job.feature_spec))
+        if job.evaluation.mode == "dp":
+            return score_layout(job.evaluation.bins)
+    return None
+
+
+def release_multiplier(job: Job, phase: Phase) -> float | None:
+    """z of the release of `phase` (unit sensitivity; each part's noise is z x its sensitivity x
+    sqrt(parts)); None when the release is exact."""
+    if phase is Phase.QUERY:
+        return noise_multiplier(job.epsilon, job.delta)
+    if phase is Phase.SEGMENTS:
+        return noise_multiplier(job.epsilon, job.delta, releases=job.segments_spec.iterations)
+    if phase is Phase.EVALUATE and job.evaluation.mode == "dp":
+        return noise_multiplier(job.evaluation_epsilon, job.delta)
+    return None
+
+
+def planned_evaluation(job: Job) -> tuple[DpSgdEvent, ...]:
+    """The evaluation release a model job will make after training, as the accountant composes it:
+    training is calibrated so that training and evaluation together stay within `job.epsilon`."""
+    if job.kind is not JobKind.MODEL or job.evaluation.mode != "dp":
+        return ()
+    z = release_multiplier(job, Phase.EVALUATE)
+    assert z is not None
+    return (DpSgdEvent(z, 1.0, 1),)
