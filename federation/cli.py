@@ -210,11 +210,19 @@ def simulate(
 
 def _print_summary(report: dict, out: Path) -> None:
     job = report["job"]
+    kind = job.get("kind", "model")
+    title = job["task"] if kind == "model" else job["purpose"]
     table = Table(
-        title=f"silofed run {report['run_id']}  ({job.get('kind', 'model')}: {job['task'] if job.get('kind', 'model') == 'model' else job['purpose']}, purpose {job['purpose']})"
+        title=f"silofed run {report['run_id']}  ({kind}: {title}, purpose {job['purpose']})"
+    )
+    # A model job shows its DP-SGD figures; a query or k-means job its releases and their z.
+    columns = (
+        ("epsilon", "noise mult.", "sample rate", "steps", "records used")
+        if kind == "model"
+        else ("epsilon", "z", "releases", "records used")
     )
     table.add_column("unit", no_wrap=True)
-    for column in ("epsilon", "noise mult.", "sample rate", "steps", "records used"):
+    for column in columns:
         table.add_column(column, justify="right")
     table.add_column("excluded")
     shown = report["federation"].get("display_names", {})
@@ -225,14 +233,19 @@ def _print_summary(report: dict, out: Path) -> None:
 
     for unit in report["privacy"]["per_unit"]:
         if unit["refused"]:
-            table.add_row(name(unit["unit"]), "refused", "", "", "", "", unit["refusal"])
+            table.add_row(
+                name(unit["unit"]), "refused", *[""] * (len(columns) - 1), unit["refusal"]
+            )
             continue
+        figures = (
+            (f"{unit['noise_multiplier']:.3f}", f"{unit['sample_rate']:.4f}", str(unit["steps"]))
+            if kind == "model"
+            else (f"{unit['noise_multiplier']:.3f}", str(unit.get("releases", "")))
+        )
         table.add_row(
             name(unit["unit"]),
             f"{unit['epsilon']:.3f}",
-            f"{unit['noise_multiplier']:.3f}",
-            f"{unit['sample_rate']:.4f}",
-            str(unit["steps"]),
+            *figures,
             str(unit["records_used"]),
             ", ".join(f"{k} {v}" for k, v in unit["excluded"].items()),
         )
@@ -267,19 +280,29 @@ def _print_summary(report: dict, out: Path) -> None:
         if model["evaluation"] == "dp":
             console.print("  (intervals: 95%, for the evaluation's noise)")
     results = report.get("results") or {}
+    from rich.markup import escape
+
     for answer in results.get("answers", [])[:40]:
         group = ", ".join(f"{k}={v}" for k, v in (answer.get("group") or {}).items())
         low, high = answer["interval"]
         console.print(
-            f"{answer['name']}{' [' + group + ']' if group else ''}: "
-            f"[bold]{answer['value']:.4g}[/bold]  95% [{low:.4g}, {high:.4g}]"
+            escape(f"{answer['name']}{' (' + group + ')' if group else ''}: ")
+            + f"[bold]{answer['value']:.4g}[/bold]  95% [{low:.4g}, {high:.4g}]",
+            highlight=False,
         )
     if len(results.get("answers", [])) > 40:
         console.print(f"... {len(results['answers']) - 40} more answers in results.json")
+    units = results.get("natural_units", {})
     for segment in results.get("segments", []):
+        centroid = segment.get("centroid_natural") or segment["centroid"]
+        low, high = segment["size_interval"]
         console.print(
-            f"segment {segment['segment']}: size {segment['size']:.0f}  centroid "
-            + ", ".join(f"{k} {v:.3g}" for k, v in segment["centroid"].items())
+            f"segment {segment['segment']}: {segment['size']} customers (95% [{low}, {high}]); "
+            + ", ".join(
+                escape(f"{k} {v:.3g}{' ' + units[k] if k in units else ''}")
+                for k, v in centroid.items()
+            ),
+            highlight=False,
         )
     console.print(
         f"privacy: every BU epsilon <= {job['epsilon']} at delta {report['privacy']['delta']:g}"

@@ -6,13 +6,11 @@ data in ../shared/data."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.command import silofed
 from tests.report_contract import assert_report_contract
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -20,17 +18,6 @@ BANK = DATA / "bank_marketing" / "bank-full.csv"
 CDNOW = DATA / "cdnow" / "CDNOW_master.txt"
 
 pytestmark = [pytest.mark.slow, pytest.mark.flower]
-
-
-def silofed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "federation.cli", *args],
-        cwd=cwd,
-        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
 
 
 @pytest.mark.skipif(not BANK.exists(), reason="bank marketing data not present")
@@ -70,7 +57,10 @@ def test_cdnow_split_by_acquisition_month_trains_a_lifetime_value_model(tmp_path
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert_report_contract(report)
     metrics = report["model"]["metrics"]
-    assert report["job"]["task"] == "ltv" and report["model"]["type"] == "fractional_logistic_regression"
+    assert (
+        report["job"]["task"] == "ltv"
+        and report["model"]["type"] == "fractional_logistic_regression"
+    )
     assert metrics["rmse"] > 0 and metrics["mae"] > 0
     assert metrics["rmse_interval"][0] <= metrics["rmse"] <= metrics["rmse_interval"][1]
     assert len(report["federation"]["units"]) == 3

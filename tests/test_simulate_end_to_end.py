@@ -4,9 +4,6 @@ default suite (a Ray start costs about 18 s here)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,21 +15,10 @@ from federation.evaluation import exact_auc
 from federation.models import predict_proba
 from federation.saved import load_model
 from privacy.unit_config import UnitConfig
+from tests.command import silofed
 from tests.report_contract import assert_report_contract
 
 pytestmark = pytest.mark.flower
-
-
-def silofed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "federation.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_simulate_three_units_two_rounds_writes_a_complete_run_directory(tmp_path: Path) -> None:
