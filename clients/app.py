@@ -59,13 +59,16 @@ from federation.secagg import grid_scale, shares_and_threshold, statistics_range
 from federation.tasks import adapter
 from federation.wire import UNIT_KEY, DroppedColumn, Instruction, Phase, Refusal, UnitReport
 from privacy.accounting import (
+    ALL,
+    HOLDOUT,
+    TRAIN,
     DistributedPlan,
     DpSgdEvent,
     calibrate_noise_multiplier,
     central_noise_multiplier,
     central_noise_std,
     distributed_plan,
-    dp_sgd_epsilon,
+    partitioned_epsilon,
 )
 from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed
 from privacy.home import UnitHome
@@ -224,10 +227,18 @@ class BusinessUnitClient(NumPyClient):
             evaluation_round(job) if phase is Phase.EVALUATE else instruction.server_round
         )
         check_round_not_answered(ledger, instruction.run_id, job.purpose, ledger_round)
-        history = run_history(ledger, instruction.run_id, job.purpose)
+        # The evaluation touches the held-out customers only: it composes in parallel with
+        # training, which touches the others (privacy.accounting.partitioned_epsilon).
+        part = HOLDOUT if phase is Phase.EVALUATE else ALL
         released = gaussian_event_of(z) if z is not None else None
         if released is not None:
-            would_reach = dp_sgd_epsilon([*history, released.as_dp_sgd()], job.delta)
+            would_reach = ledger.epsilon_after(
+                job.delta,
+                purpose=job.purpose,
+                run_id=instruction.run_id,
+                event=released,
+                part=part,
+            )
             if would_reach > job.epsilon * (1 + 1e-9):
                 raise RefusedByUnit(
                     f"unit '{tables.unit}': the {phase} release of round "
@@ -248,8 +259,9 @@ class BusinessUnitClient(NumPyClient):
         )
         now = datetime.now(UTC)
         if released is not None:
-            ledger.record(instruction.run_id, ledger_round, job.purpose, released, now=now)
-        history = run_history(ledger, instruction.run_id, job.purpose)
+            ledger.record(
+                instruction.run_id, ledger_round, job.purpose, released, now=now, part=part
+            )
         train = prepared.train if prepared is not None else None
         report = UnitReport(
             unit=tables.unit,
@@ -265,7 +277,7 @@ class BusinessUnitClient(NumPyClient):
             columns_dropped=[
                 DroppedColumn(column=d.column, reason=d.reason) for d in tables.columns_dropped
             ],
-            epsilon=dp_sgd_epsilon(history, job.delta),
+            epsilon=ledger.epsilon(job.delta, purpose=job.purpose, run_id=instruction.run_id),
             epsilon_total=ledger.epsilon(job.delta, purpose=job.purpose),
             epsilon_unit_total=ledger.epsilon(job.delta),
             budget=ledger.budget(job.purpose),
@@ -325,9 +337,9 @@ class BusinessUnitClient(NumPyClient):
         records = len(prepared.train.labels)
         plan = local_plan(records, job.training)
         check_round_not_answered(ledger, instruction.run_id, job.purpose, instruction.server_round)
-        history = run_history(ledger, instruction.run_id, job.purpose)
-        # The evaluation after the last round spends from the same epsilon: training is
-        # calibrated for what is left.
+        history = run_history(ledger, instruction.run_id, job.purpose, part=TRAIN)
+        # The DP evaluation after the last round touches the held-out customers only: training
+        # is calibrated with it in parallel, so that the run as a whole stays within the target.
         evaluation = planned_evaluation(job)
         central = job.noise is NoisePlacement.CENTRAL
         distributed = job.noise is NoisePlacement.DISTRIBUTED
@@ -346,7 +358,7 @@ class BusinessUnitClient(NumPyClient):
             # Gaussian mechanism per round, no sampling. z follows from the public job alone.
             clip = job.training.clip_norm
             noise_multiplier = central_noise_multiplier(
-                job.epsilon, job.delta, job.rounds, spent=evaluation
+                job.epsilon, job.delta, job.rounds, holdout=evaluation
             )
             planned: PrivacyEvent = GaussianEvent(
                 sigma=central_noise_std(noise_multiplier, clip), sensitivity=2 * clip
@@ -362,13 +374,15 @@ class BusinessUnitClient(NumPyClient):
                     job.delta,
                     plan.sample_rate,
                     plan.steps_per_round * job.rounds,
-                    spent=evaluation,
+                    holdout=evaluation,
                 )
             )
             planned = DpSgdEvent(noise_multiplier, plan.sample_rate, plan.steps_per_round)
             sample_rate = plan.sample_rate
         as_step = planned.as_dp_sgd() if isinstance(planned, GaussianEvent) else planned
-        would_reach = dp_sgd_epsilon([*history, as_step, *evaluation], job.delta)
+        would_reach = partitioned_epsilon(
+            [{TRAIN: [*history, as_step], HOLDOUT: list(evaluation)}], job.delta
+        )
         if would_reach > job.epsilon:
             # e.g. fewer consented customers than when the noise was calibrated: a higher sample
             # rate. The round is not trained; nothing is released.
@@ -414,8 +428,10 @@ class BusinessUnitClient(NumPyClient):
             reply = update.parameters
             released = DpSgdEvent(noise_multiplier, plan.sample_rate, update.steps)
         now = datetime.now(UTC)
-        ledger.record(instruction.run_id, instruction.server_round, job.purpose, released, now=now)
-        history = run_history(ledger, instruction.run_id, job.purpose)
+        ledger.record(
+            instruction.run_id, instruction.server_round, job.purpose, released, now=now, part=TRAIN
+        )
+        history = run_history(ledger, instruction.run_id, job.purpose, part=TRAIN)
         report = UnitReport(
             unit=prepared.unit,
             purpose=prepared.purpose,
@@ -428,7 +444,7 @@ class BusinessUnitClient(NumPyClient):
             columns_dropped=[
                 DroppedColumn(column=d.column, reason=d.reason) for d in prepared.columns_dropped
             ],
-            epsilon=dp_sgd_epsilon(history, job.delta),
+            epsilon=ledger.epsilon(job.delta, purpose=job.purpose, run_id=instruction.run_id),
             epsilon_total=ledger.epsilon(job.delta, purpose=job.purpose),
             epsilon_unit_total=ledger.epsilon(job.delta),
             budget=ledger.budget(job.purpose),
@@ -455,10 +471,10 @@ class BusinessUnitClient(NumPyClient):
             dimension=sum(
                 t.numel() for t in adapter(job.task).build_model(job.feature_spec.dim).parameters()
             ),
-            spent=planned_evaluation(job),
             scale=grid_scale(job.secure_aggregation),
             threshold=threshold,
             colluding=job.secure_aggregation.colluding,
+            holdout=planned_evaluation(job),
         )
 
     @staticmethod

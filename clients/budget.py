@@ -71,11 +71,15 @@ def would_admit(config: UnitConfig, home: UnitHome, job: Job) -> str | None:
     return None
 
 
-def run_history(ledger: PrivacyLedger, run_id: str, purpose: str) -> tuple[DpSgdEvent, ...]:
-    """The run's releases so far, each as the DP-SGD event the accountant composes."""
+def run_history(
+    ledger: PrivacyLedger, run_id: str, purpose: str, *, part: str | None = None
+) -> tuple[DpSgdEvent, ...]:
+    """The run's releases so far (those touching `part` only, when given), each as the DP-SGD
+    event the accountant composes."""
     return tuple(
         e.event.as_dp_sgd() if isinstance(e.event, GaussianEvent) else e.event
         for e in ledger.entries(run_id=run_id, purpose=purpose)
+        if part is None or e.part == part
     )
 
 

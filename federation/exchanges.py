@@ -140,8 +140,10 @@ def release_multiplier(job: Job, phase: Phase) -> float | None:
 
 
 def planned_evaluation(job: Job) -> tuple[DpSgdEvent, ...]:
-    """The evaluation release a model job will make after training, as the accountant composes it:
-    training is calibrated so that training and evaluation together stay within `job.epsilon`."""
+    """The DP evaluation a model job will release on its held-out customers after training, as
+    the accountant composes it. Training is calibrated with it in parallel (disjoint customers):
+    the run's RDP curve is the larger of the two sides' at each order, and stays within the job's
+    epsilon."""
     if job.kind is not JobKind.MODEL or job.evaluation.mode != "dp":
         return ()
     z = release_multiplier(job, Phase.EVALUATE)

@@ -49,9 +49,6 @@ DEFAULT_PURPOSE = {
 }
 
 
-EVALUATION_SHARE = 3  # by default the DP evaluation spends a third of a model job's epsilon
-
-
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -70,15 +67,17 @@ class Evaluation(_Frozen):
     """Held-out test customers are chosen by a keyed hash of the customer id, never by the data.
 
     `dp` (the default): after the last round each BU releases score histograms of its held-out
-    customers with discrete Gaussian noise, spending `epsilon` out of the job's epsilon (training is
-    calibrated for the rest). `exact`: exact histograms after every round, not DP; for development
-    on synthetic data, and listed as disclosed in the report."""
+    customers with discrete Gaussian noise, spending `epsilon` (the job's epsilon by default). The
+    held-out customers never train, so the evaluation and the training compose in parallel: each
+    customer's loss is that of one of them, and both may spend the job's epsilon. `exact`: exact
+    histograms after every round, not DP; for development on synthetic data, and listed as
+    disclosed in the report."""
 
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
     holdout_key: str = Field("silofed-holdout-v1", min_length=8)
     mode: Literal["dp", "exact"] = "dp"
     epsilon: float | None = Field(
-        None, gt=0, description="the DP evaluation's share of the job's epsilon (default: a third)"
+        None, gt=0, description="what the DP evaluation spends (default: the job's epsilon)"
     )
     bins: int = Field(DP_SCORE_BINS, ge=3, le=1000, description="public score bins (dp)")
 
@@ -189,14 +188,10 @@ class Job(_Frozen):
                     f"the job's purpose '{self.purpose}' differs from its section's "
                     f"'{section.purpose}'; name it once"
                 )
-        if (
-            self.kind is JobKind.MODEL
-            and self.evaluation.mode == "dp"
-            and not self.evaluation_epsilon < self.epsilon
-        ):
+        if self.evaluation_epsilon > self.epsilon:
             raise ValueError(
-                f"evaluation.epsilon ({self.evaluation_epsilon}) must be below the job's epsilon "
-                f"({self.epsilon}): the DP evaluation spends part of it and training the rest"
+                f"evaluation.epsilon ({self.evaluation_epsilon}) exceeds the job's epsilon "
+                f"({self.epsilon}), the most any customer's data may cost in this run"
             )
         return self
 
@@ -212,10 +207,10 @@ class Job(_Frozen):
 
     @property
     def evaluation_epsilon(self) -> float:
-        """What the DP evaluation spends: `evaluation.epsilon`, or a third of the job's."""
+        """What the DP evaluation spends: `evaluation.epsilon`, or the job's epsilon."""
         if self.evaluation.epsilon is not None:
             return self.evaluation.epsilon
-        return self.epsilon / EVALUATION_SHARE
+        return self.epsilon
 
     @property
     def query_spec(self) -> QuerySpec:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,10 +63,15 @@ def laplace_rdp(pure_epsilon: float, orders: Sequence[float] = ORDERS) -> np.nda
     ) / (a - 1)
 
 
-def composed_epsilon(events: Sequence[DpSgdEvent | LaplaceEvent], delta: float) -> float:
-    """Epsilon at `delta` of `events` composed in RDP at Opacus's orders: DP-SGD curves by Opacus's
-    `compute_rdp`, Laplace curves by `laplace_rdp`, converted by Opacus's `get_privacy_spent`. For
-    DP-SGD events alone this is exactly what Opacus's RDPAccountant computes."""
+ALL = "all"  # a release that may touch any customer
+TRAIN = "train"  # touches training customers only
+HOLDOUT = "holdout"  # touches held-out customers only (the keyed-hash split of the run)
+PARTS = (ALL, TRAIN, HOLDOUT)
+
+Composable = DpSgdEvent | LaplaceEvent
+
+
+def _curve(events: Sequence[Composable]) -> np.ndarray:
     curves = [
         compute_rdp(
             q=e.sample_rate, noise_multiplier=e.noise_multiplier, steps=e.steps, orders=ORDERS
@@ -74,17 +79,53 @@ def composed_epsilon(events: Sequence[DpSgdEvent | LaplaceEvent], delta: float) 
         for e in events
         if isinstance(e, DpSgdEvent) and e.steps
     ] + [laplace_rdp(e.pure_epsilon) for e in events if isinstance(e, LaplaceEvent)]
-    if not curves:
+    return np.sum(curves, axis=0) if curves else np.zeros(len(ORDERS))
+
+
+def _pure(events: Sequence[Composable]) -> float:
+    return sum(e.pure_epsilon for e in events if isinstance(e, LaplaceEvent))
+
+
+def partitioned_epsilon(runs: Sequence[Mapping[str, Sequence[Composable]]], delta: float) -> float:
+    """Epsilon at `delta` of several runs, each a map from part (`ALL`, `TRAIN`, `HOLDOUT`) to its
+    events. Within a run, the training and the held-out customers are disjoint (a keyed hash of the
+    customer id splits them, whatever the data): a customer added or removed changes the releases
+    of its own part only, so a run's RDP curve is that of its `ALL` events plus the larger of its
+    two parts' curves (parallel composition, pointwise in the order). Runs compose by adding their
+    curves; Opacus's `get_privacy_spent` converts the sum."""
+    total = np.zeros(len(ORDERS))
+    pure_total, all_pure, any_event = 0.0, True, False
+    for run in runs:
+        unknown = set(run) - set(PARTS)
+        if unknown:
+            raise ValueError(f"unknown parts {sorted(unknown)}; a part is one of {PARTS}")
+        events = [e for part in run.values() for e in part]
+        any_event = any_event or any(isinstance(e, LaplaceEvent) or e.steps for e in events)
+        all_pure = all_pure and all(isinstance(e, LaplaceEvent) for e in events)
+        total += _curve(run.get(ALL, ())) + np.maximum(
+            _curve(run.get(TRAIN, ())), _curve(run.get(HOLDOUT, ()))
+        )
+        pure_total += _pure(run.get(ALL, ())) + max(
+            _pure(run.get(TRAIN, ())), _pure(run.get(HOLDOUT, ()))
+        )
+    if not any_event:
         return 0.0
     with warnings.catch_warnings():
         # Opacus notes when the best order is its largest; for pure-DP curves that is expected,
         # and the pure bound below is then the tighter one.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        epsilon, _ = get_privacy_spent(orders=ORDERS, rdp=sum(curves), delta=delta)
-    if all(isinstance(e, LaplaceEvent) for e in events):
+        epsilon, _ = get_privacy_spent(orders=ORDERS, rdp=total, delta=delta)
+    if all_pure:
         # Pure-DP releases alone also compose by adding their epsilons (basic composition).
-        epsilon = min(float(epsilon), sum(e.pure_epsilon for e in events))
+        epsilon = min(float(epsilon), pure_total)
     return float(epsilon)
+
+
+def composed_epsilon(events: Sequence[Composable], delta: float) -> float:
+    """Epsilon at `delta` of `events` composed in RDP at Opacus's orders: DP-SGD curves by Opacus's
+    `compute_rdp`, Laplace curves by `laplace_rdp`, converted by Opacus's `get_privacy_spent`. For
+    DP-SGD events alone this is exactly what Opacus's RDPAccountant computes."""
+    return partitioned_epsilon([{ALL: list(events)}], delta)
 
 
 def dp_sgd_epsilon(events: Sequence[DpSgdEvent], delta: float) -> float:
@@ -100,9 +141,12 @@ def calibrate_noise_multiplier(
     *,
     relative_tolerance: float = 0.05,
     spent: Sequence[DpSgdEvent] = (),
+    holdout: Sequence[DpSgdEvent] = (),
 ) -> float:
     """The noise multiplier whose `steps` steps at `sample_rate`, composed after `spent`, reach an
-    epsilon in [(1 - relative_tolerance) x target, target] at `delta`. Never above the target."""
+    epsilon in [(1 - relative_tolerance) x target, target] at `delta`. Never above the target.
+    `holdout`: releases of the same run on the held-out customers only, which compose with these
+    steps in parallel (`partitioned_epsilon`)."""
     if (
         not (math.isfinite(target_epsilon) and target_epsilon > 0 and 0 < delta < 1 and steps > 0)
         or not 0 < sample_rate <= 1
@@ -116,6 +160,10 @@ def calibrate_noise_multiplier(
     def epsilon(sigma: float) -> float:
         return dp_sgd_epsilon([*spent, DpSgdEvent(sigma, sample_rate, steps)], delta)
 
+    def with_holdout(sigma: float) -> float:
+        steps_taken = [*spent, DpSgdEvent(sigma, sample_rate, steps)]
+        return partitioned_epsilon([{TRAIN: steps_taken, HOLDOUT: list(holdout)}], delta)
+
     low, high = 0.0, 1.0
     while epsilon(high) > target_epsilon:
         low, high = high, high * 2
@@ -127,7 +175,7 @@ def calibrate_noise_multiplier(
             )
     for _ in range(200):
         if epsilon(high) >= (1 - relative_tolerance) * target_epsilon:
-            return high
+            break
         mid = (low + high) / 2
         if epsilon(mid) <= target_epsilon:
             high = mid
@@ -135,16 +183,35 @@ def calibrate_noise_multiplier(
             low = mid
         if math.isclose(low, high, rel_tol=1e-12):
             break
+    if not holdout or with_holdout(high) <= target_epsilon:
+        return high
+    # The run's curve is the larger of the two sides' at each order; where the held-out side's
+    # curve makes it pass the target, the least extra noise that brings it back is searched.
+    low, high = high, high * 2
+    while with_holdout(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e6:
+            raise ConfigurationError(
+                f"the held-out releases alone reach epsilon {target_epsilon} at delta {delta}; "
+                "lower evaluation.epsilon"
+            )
+    while not math.isclose(low, high, rel_tol=1e-4):
+        mid = (low + high) / 2
+        if with_holdout(mid) <= target_epsilon:
+            high = mid
+        else:
+            low = mid
     return high
 
 
 def central_noise_multiplier(
-    target_epsilon: float, delta: float, rounds: int, *, spent: Sequence[DpSgdEvent] = ()
+    target_epsilon: float, delta: float, rounds: int, *, holdout: Sequence[DpSgdEvent] = ()
 ) -> float:
     """Central placement: the multiplier z of the Gaussian noise (std z x sensitivity) the
     coordinator adds to each round's sum so that `rounds` rounds, every BU taking part in each
-    (no sampling), composed with `spent`, spend at most `target_epsilon` at `delta`."""
-    return calibrate_noise_multiplier(target_epsilon, delta, 1.0, rounds, spent=spent)
+    (no sampling), spend at most `target_epsilon` at `delta` (with the run's `holdout` releases
+    in parallel)."""
+    return calibrate_noise_multiplier(target_epsilon, delta, 1.0, rounds, holdout=holdout)
 
 
 def central_noise_std(noise_multiplier: float, clip_norm: float) -> float:
@@ -180,7 +247,7 @@ def distributed_plan(
     scale: float,
     threshold: int,
     colluding: int,
-    spent: Sequence[DpSgdEvent] = (),
+    holdout: Sequence[DpSgdEvent] = (),
 ) -> DistributedPlan:
     """Shares calibrated from the start for the reconstruction threshold t: any sum of at least t
     BUs' replies, of which at most `colluding` BUs reveal their own shares to the coordinator,
@@ -200,7 +267,7 @@ def distributed_plan(
     l2_bound = math.sqrt(
         c * c + dimension / 4 + math.sqrt(2 * math.log(1 / beta)) * (c + math.sqrt(dimension) / 2)
     )
-    z = central_noise_multiplier(target_epsilon, delta, rounds, spent=spent)
+    z = central_noise_multiplier(target_epsilon, delta, rounds, holdout=holdout)
     total = z * 2 * l2_bound
     share = total / math.sqrt(threshold - colluding)
     if share < 4:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from privacy.accounting import DpSgdEvent, LaplaceEvent, composed_epsilon
+from privacy.accounting import ALL, PARTS, DpSgdEvent, LaplaceEvent, partitioned_epsilon
 from privacy.errors import ConfigurationError, RefusedByUnit
 from privacy.lineage import iso_utc
 from privacy.store import SqliteState, open_unit_store, transaction
@@ -139,6 +139,12 @@ _MIGRATIONS = (
         SELECT RAISE(ABORT, 'privacy ledger events are immutable');
     END;
     """,
+    # version 3: the customers an event touches within its run: all of them, the training
+    # customers only, or the held-out ones only (parallel composition). Earlier events touched all.
+    """
+    ALTER TABLE events ADD COLUMN part TEXT NOT NULL DEFAULT 'all'
+        CHECK (part IN ('all', 'train', 'holdout'));
+    """,
 )
 
 
@@ -175,6 +181,7 @@ class LedgerEntry:
     purpose: str
     event: PrivacyEvent
     recorded_at: datetime  # naive UTC
+    part: str = ALL  # the customers it touched in its run: all, train or holdout
 
 
 @dataclass(frozen=True)
@@ -222,13 +229,26 @@ class PrivacyLedger(SqliteState):
     # --- events ------------------------------------------------------------------------------
 
     def record(
-        self, run_id: str, round: int, purpose: str, event: PrivacyEvent, *, now: datetime
+        self,
+        run_id: str,
+        round: int,
+        purpose: str,
+        event: PrivacyEvent,
+        *,
+        now: datetime,
+        part: str = ALL,
     ) -> bool:
-        """Record that round `round` of run `run_id` spent `event` for `purpose`. Returns True
-        when the event is new, False when the same event was already recorded under this key
-        (a replayed round); the same key with other parameters raises ConfigurationError."""
+        """Record that round `round` of run `run_id` spent `event` for `purpose`, touching the
+        run's customers of `part` (`all`; `train` or `holdout`, the two disjoint sides of the run's
+        keyed-hash split, which compose in parallel). Returns True when the event is new, False
+        when the same event was already recorded under this key (a replayed round); the same key
+        with other parameters raises ConfigurationError."""
         _require_text(run_id, "a run id")
         _require_text(purpose, "a purpose")
+        if part not in PARTS:
+            raise ConfigurationError(
+                f"privacy ledger: part {part!r} of run '{run_id}' is not one of {PARTS}."
+            )
         if not _whole(round) or round < 0:
             raise ConfigurationError(
                 f"privacy ledger: round {round!r} of run '{run_id}' is not a round number "
@@ -239,22 +259,23 @@ class PrivacyLedger(SqliteState):
             inserted = self._connection.execute(
                 # only the key may conflict: any other constraint failing is an error
                 "INSERT INTO events (run_id, round, purpose, kind, noise_multiplier, "
-                "sample_rate, steps, sigma, sensitivity, recorded_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "sample_rate, steps, sigma, sensitivity, recorded_at, part) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (run_id, round, purpose, kind) DO NOTHING",
-                (run_id, int(round), purpose, kind, *parameters, iso_utc(now)),
+                (run_id, int(round), purpose, kind, *parameters, iso_utc(now), part),
             ).rowcount
             if inserted:
                 return True
             stored = self._connection.execute(
-                "SELECT noise_multiplier, sample_rate, steps, sigma, sensitivity FROM events "
+                "SELECT noise_multiplier, sample_rate, steps, sigma, sensitivity, part FROM events "
                 "WHERE run_id = ? AND round = ? AND purpose = ? AND kind = ?",
                 (run_id, int(round), purpose, kind),
             ).fetchone()
-        if tuple(stored) != parameters:
+        if tuple(stored) != (*parameters, part):
             raise ConfigurationError(
                 f"unit '{self.unit}': round {round} of run '{run_id}' already recorded a "
-                f"{kind} event for purpose '{purpose}' as {_event_from(kind, stored)}, not "
+                f"{kind} event for purpose '{purpose}' as {_event_from(kind, stored[:5])} "
+                f"({stored[5]}), not "
                 f"{event}; a recorded event never changes. Record a new round (or a new run) "
                 "instead."
             )
@@ -267,18 +288,43 @@ class PrivacyLedger(SqliteState):
         mirrors."""
         return [
             LedgerEntry(
-                run_id=r, round=n, purpose=p, event=_event_from(k, parameters), recorded_at=at
+                run_id=r,
+                round=n,
+                purpose=p,
+                event=_event_from(k, parameters),
+                recorded_at=at,
+                part=part,
             )
-            for r, n, p, k, parameters, at in self._rows(purpose, run_id)
+            for r, n, p, k, parameters, at, part in self._rows(purpose, run_id)
         ]
 
     def epsilon(
         self, delta: float, *, purpose: str | None = None, run_id: str | None = None
     ) -> float:
         """Epsilon at `delta` of the events of `purpose` (of every purpose when None: the BU-wide
-        figure) and of `run_id` (of every run when None), composed by Opacus's RDP accountant."""
+        figure) and of `run_id` (of every run when None), composed by Opacus's RDP accountant:
+        runs add up; within a run, training-only and held-out-only events compose in parallel."""
         _require_delta(delta)
-        return composed_epsilon(self._composable(purpose, run_id), delta)
+        return partitioned_epsilon(self._composable(purpose, run_id), delta)
+
+    def epsilon_after(
+        self,
+        delta: float,
+        *,
+        purpose: str,
+        run_id: str,
+        event: PrivacyEvent,
+        part: str = ALL,
+    ) -> float:
+        """The epsilon run `run_id` would reach for `purpose` with `event` (touching `part`)
+        recorded too: what a BU checks before it releases anything. Records nothing."""
+        _require_delta(delta)
+        if part not in PARTS:
+            raise ConfigurationError(f"privacy ledger: part {part!r} is not one of {PARTS}.")
+        runs = self._composable(purpose, run_id) or [{}]
+        (run,) = runs
+        extended = {**run, part: [*run.get(part, []), _as_dp_sgd(event)]}
+        return partitioned_epsilon([extended], delta)
 
     # --- budgets and reservations ------------------------------------------------------------
 
@@ -408,7 +454,7 @@ class PrivacyLedger(SqliteState):
         )
 
     def _spent_and_reserved(self, purpose: str | None, delta: float) -> tuple[float, float]:
-        spent = composed_epsilon(self._composable(purpose, None), delta)
+        spent = partitioned_epsilon(self._composable(purpose, None), delta)
         reserved = self._connection.execute(
             "SELECT total(epsilon) FROM reservations "
             "WHERE released_at IS NULL AND (? IS NULL OR purpose = ?)",
@@ -462,26 +508,28 @@ class PrivacyLedger(SqliteState):
 
     def _rows(
         self, purpose: str | None, run_id: str | None
-    ) -> Iterator[tuple[str, int, str, str, tuple, datetime]]:
+    ) -> Iterator[tuple[str, int, str, str, tuple, datetime, str]]:
         rows = self._connection.execute(
             "SELECT run_id, round, purpose, kind, noise_multiplier, sample_rate, steps, sigma, "
-            "sensitivity, recorded_at FROM events "
+            "sensitivity, recorded_at, part FROM events "
             "WHERE (? IS NULL OR purpose = ?) AND (? IS NULL OR run_id = ?) "
             "ORDER BY recorded_at, run_id, round, purpose, kind",
             (purpose, purpose, run_id, run_id),
         )
-        for r, n, p, k, *parameters, at in rows:
-            yield r, n, p, k, tuple(parameters), datetime.fromisoformat(at)
+        for r, n, p, k, *parameters, at, part in rows:
+            yield r, n, p, k, tuple(parameters), datetime.fromisoformat(at), part
 
     def _composable(
         self, purpose: str | None, run_id: str | None
-    ) -> list[DpSgdEvent | LaplaceEvent]:
-        """The events of `purpose` and `run_id` (None: all), Gaussian ones as the DP-SGD step they
-        equal."""
-        return [
-            _as_dp_sgd(_event_from(kind, parameters))
-            for _, _, _, kind, parameters, _ in self._rows(purpose, run_id)
-        ]
+    ) -> list[dict[str, list[DpSgdEvent | LaplaceEvent]]]:
+        """The events of `purpose` and `run_id` (None: all), per run and part, Gaussian ones as
+        the DP-SGD step they equal."""
+        runs: dict[str, dict[str, list[DpSgdEvent | LaplaceEvent]]] = {}
+        for run, _, _, kind, parameters, _, part in self._rows(purpose, run_id):
+            runs.setdefault(run, {}).setdefault(part, []).append(
+                _as_dp_sgd(_event_from(kind, parameters))
+            )
+        return list(runs.values())
 
 
 def _as_dp_sgd(event: PrivacyEvent) -> DpSgdEvent | LaplaceEvent:

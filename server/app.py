@@ -52,7 +52,7 @@ def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
             inner,
             clip_norm=job.training.clip_norm,
             noise_multiplier=central_noise_multiplier(
-                job.epsilon, job.delta, job.rounds, spent=planned_evaluation(job)
+                job.epsilon, job.delta, job.rounds, holdout=planned_evaluation(job)
             ),
             source=source,
         )

@@ -342,7 +342,9 @@ def _unit_level(job) -> str:
     from federation.exchanges import planned_evaluation
     from privacy.accounting import DpSgdEvent, central_noise_multiplier, dp_sgd_epsilon
 
-    z = central_noise_multiplier(job.epsilon, job.delta, job.rounds, spent=planned_evaluation(job))
+    z = central_noise_multiplier(
+        job.epsilon, job.delta, job.rounds, holdout=planned_evaluation(job)
+    )
     unit_level = dp_sgd_epsilon([DpSgdEvent(2 * z, 1.0, job.rounds)], job.delta)
     return (
         f"BU level: the released models are ({unit_level:.3f}, {job.delta:g})-DP with respect to "

@@ -37,7 +37,9 @@ class RunPlan:
     seed: int | None = None
     auc_ceiling: float | None = None
     privacy_unit: Literal["customer", "record"] = "customer"  # record: one row per customer assumed
-    display_names: dict[str, str] = field(default_factory=dict)  # unit -> original name (data split)
+    display_names: dict[str, str] = field(
+        default_factory=dict
+    )  # unit -> original name (data split)
     on_round: RoundCallback | None = None
 
 

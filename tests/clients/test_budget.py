@@ -56,8 +56,8 @@ def test_a_second_job_over_budget_is_refused_before_any_data_is_read(unit) -> No
     bu_config, home = unit
     _, _, metrics = _exchange(bu_config, home, "run-1", Phase.TRAIN)
     spent = UnitReport.from_metrics(metrics)
-    # training leaves room for the DP evaluation; together they reach the job's epsilon
-    assert spent.epsilon_total < 2.7 and spent.budget_unit == 4.0
+    # training and the DP evaluation touch disjoint customers: each spends up to the target
+    assert 2.7 <= spent.epsilon_total <= 3.0 and spent.budget_unit == 4.0
     _, _, metrics = _exchange(bu_config, home, "run-1", Phase.EVALUATE)  # the last exchange
     assert 2.7 <= UnitReport.from_metrics(metrics).epsilon_total <= 3.0
     # Remove the silo's data: a BU that read any of it now would fail with a SiloError.

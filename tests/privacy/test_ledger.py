@@ -361,7 +361,7 @@ def test_two_processes_cannot_both_take_the_last_of_a_budget(tmp_path: Path) -> 
 def test_file_has_the_latest_schema_version(ledger: PrivacyLedger) -> None:
     connection = sqlite3.connect(ledger.path)
     try:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 3
     finally:
         connection.close()
     assert ledger.path.name == "ledger.sqlite"
@@ -392,8 +392,37 @@ def test_a_version_1_ledger_is_migrated_forward_with_its_events(tmp_path) -> Non
             "DpSgdEvent",
             "LaplaceEvent",
         ]
+        assert {e.part for e in migrated.entries()} == {"all"}  # v3: earlier events touched all
         with pytest.raises(sqlite3.DatabaseError, match="immutable"):
             migrated._connection.execute("DELETE FROM events")
+
+
+def test_training_and_held_out_releases_of_a_run_compose_in_parallel(
+    ledger: PrivacyLedger,
+) -> None:
+    from privacy.accounting import composed_epsilon
+
+    training = DpSgdEvent(1.5, 0.04, 2250)
+    evaluation = GaussianEvent(sigma=4.0, sensitivity=1.0)
+    ledger.record("run-1", 1, "churn_model", training, now=NOW, part="train")
+    ledger.record("run-1", 2, "churn_model", evaluation, now=NOW, part="holdout")
+    # disjoint customers: the run costs the larger of the two, not their composition
+    alone = composed_epsilon([training], 1e-5)
+    assert ledger.epsilon(1e-5, run_id="run-1") == pytest.approx(alone, rel=1e-9)
+    both = composed_epsilon([training, evaluation.as_dp_sgd()], 1e-5)
+    assert both > alone
+    # a release touching every customer composes with both sides; a second run adds up
+    ledger.record("run-1", 3, "churn_model", evaluation, now=NOW)
+    assert ledger.epsilon(1e-5, run_id="run-1") == pytest.approx(both, rel=1e-9)
+    ledger.record("run-2", 1, "churn_model", training, now=NOW, part="holdout")
+    assert ledger.epsilon(1e-5) == pytest.approx(
+        composed_epsilon([training, evaluation.as_dp_sgd(), training], 1e-5), rel=1e-9
+    )
+    assert [e.part for e in ledger.entries()] == ["train", "holdout", "all", "holdout"]
+    with pytest.raises(ConfigurationError, match="not one of"):
+        ledger.record("run-3", 1, "churn_model", training, now=NOW, part="test")
+    with pytest.raises(ConfigurationError, match="never changes"):
+        ledger.record("run-1", 1, "churn_model", training, now=NOW, part="holdout")
 
 
 def test_laplace_events_compose_with_the_rest(ledger: PrivacyLedger) -> None:
