@@ -19,20 +19,7 @@ from privacy.schema import PurposePolicy
 from privacy.unit_config import UnitConfig
 from simulations.synthetic import CHANNELS, PRODUCTS, REGIONS, unit_schema
 
-ANALYTICS = PurposePolicy(
-    join_keys=("customers.customer_id", "transactions.customer_id"),
-    features=(
-        "customers.age",
-        "customers.gender",
-        "customers.region",
-        "customers.signup_date",
-        "customers.churned",
-        "transactions.timestamp",
-        "transactions.amount",
-        "transactions.channel",
-        "transactions.category",
-    ),
-)
+ANALYTICS = unit_schema("retail_stores").purposes["analytics"]  # the synthetic BUs' purpose
 OBSERVED = "2025-12-31T00:00:00"
 
 

@@ -25,27 +25,13 @@ from federation.queries import QuerySpec, query_answers, resolve_query
 from privacy.mechanisms import Placement, noise_multiplier
 from privacy.minimisation import minimise
 from privacy.samplers import SeededSource
-from privacy.schema import PurposePolicy
 from privacy.unit_config import UnitConfig
-from simulations.synthetic import CHANNELS, REGIONS
+from simulations.synthetic import CHANNELS, REGIONS, unit_schema
 
 REPETITIONS = 2000
 EPSILON, DELTA = 1.0, 1e-6
 AGE_BINS = [14, 25, 35, 45, 55, 65, 100]
-ANALYTICS = PurposePolicy(
-    join_keys=("customers.customer_id", "transactions.customer_id"),
-    features=(
-        "customers.age",
-        "customers.gender",
-        "customers.region",
-        "customers.signup_date",
-        "customers.churned",
-        "transactions.timestamp",
-        "transactions.amount",
-        "transactions.channel",
-        "transactions.category",
-    ),
-)
+ANALYTICS = unit_schema("retail_stores").purposes["analytics"]  # the synthetic BUs' purpose
 QUERY = {
     "purpose": "analytics",
     "aggregates": [

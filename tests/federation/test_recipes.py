@@ -30,22 +30,9 @@ from privacy.minimisation import minimise
 from privacy.samplers import SeededSource
 from privacy.schema import PurposePolicy
 from privacy.unit_config import UnitConfig
-from simulations.synthetic import CHANNELS, PERIOD_END, PRODUCTS, REGIONS
+from simulations.synthetic import CHANNELS, PERIOD_END, PRODUCTS, REGIONS, unit_schema
 
-ANALYTICS = PurposePolicy(
-    join_keys=("customers.customer_id", "transactions.customer_id"),
-    features=(
-        "customers.age",
-        "customers.gender",
-        "customers.region",
-        "customers.signup_date",
-        "customers.churned",
-        "transactions.timestamp",
-        "transactions.amount",
-        "transactions.channel",
-        "transactions.category",
-    ),
-)
+ANALYTICS = unit_schema("retail_stores").purposes["analytics"]  # the synthetic BUs' purpose
 WINDOW_START = pd.Timestamp(PERIOD_END) - pd.Timedelta(days=365)
 
 
