@@ -262,26 +262,17 @@ class BusinessUnitClient(NumPyClient):
             ledger.record(
                 instruction.run_id, ledger_round, job.purpose, released, now=now, part=part
             )
-        train = prepared.train if prepared is not None else None
-        report = UnitReport(
-            unit=tables.unit,
-            purpose=tables.purpose,
-            encrypted_at_rest=tables.encrypted_at_rest,
-            quality=tables.quality,
+        report = _unit_report(
+            tables,
+            ledger,
+            job,
+            instruction.run_id,
             records_used=(
-                len(train.labels) if train is not None else len(tables.tables["customers"])
+                len(prepared.train.labels)
+                if prepared is not None
+                else len(tables.tables["customers"])
             ),
             records_test=len(prepared.test.labels) if prepared is not None else 0,
-            excluded=tables.excluded,
-            columns_used=list(tables.columns_used),
-            columns_dropped=[
-                DroppedColumn(column=d.column, reason=d.reason) for d in tables.columns_dropped
-            ],
-            epsilon=ledger.epsilon(job.delta, purpose=job.purpose, run_id=instruction.run_id),
-            epsilon_total=ledger.epsilon(job.delta, purpose=job.purpose),
-            epsilon_unit_total=ledger.epsilon(job.delta),
-            budget=ledger.budget(job.purpose),
-            budget_unit=ledger.budget(None),
             # For an evaluation the coordinator keeps the training's DP-SGD figures and takes the
             # epsilon figures from here; a query or k-means run has releases only.
             noise_multiplier=z if z is not None else 1.0,
@@ -432,23 +423,13 @@ class BusinessUnitClient(NumPyClient):
             instruction.run_id, instruction.server_round, job.purpose, released, now=now, part=TRAIN
         )
         history = run_history(ledger, instruction.run_id, job.purpose, part=TRAIN)
-        report = UnitReport(
-            unit=prepared.unit,
-            purpose=prepared.purpose,
-            encrypted_at_rest=prepared.encrypted_at_rest,
-            quality=prepared.quality,
+        report = _unit_report(
+            prepared,
+            ledger,
+            job,
+            instruction.run_id,
             records_used=records,
             records_test=len(prepared.test.labels),
-            excluded=prepared.excluded,
-            columns_used=list(prepared.columns_used),
-            columns_dropped=[
-                DroppedColumn(column=d.column, reason=d.reason) for d in prepared.columns_dropped
-            ],
-            epsilon=ledger.epsilon(job.delta, purpose=job.purpose, run_id=instruction.run_id),
-            epsilon_total=ledger.epsilon(job.delta, purpose=job.purpose),
-            epsilon_unit_total=ledger.epsilon(job.delta),
-            budget=ledger.budget(job.purpose),
-            budget_unit=ledger.budget(None),
             noise_multiplier=noise_multiplier,
             sample_rate=sample_rate,
             steps=sum(e.steps for e in history),
@@ -488,6 +469,30 @@ class BusinessUnitClient(NumPyClient):
         share = discrete_gaussian(plan.share_std, flat.size, source)
         on_grid = ((rounded + share).astype(np.float64) / plan.scale).astype(np.float32)
         return _split(on_grid, update)
+
+
+def _unit_report(
+    source: PreparedTables | PreparedUnit, ledger: PrivacyLedger, job, run_id: str, **figures
+) -> UnitReport:
+    """What a BU reports with every reply: the facts about the data it used (disclosed metadata),
+    its privacy figures from the ledger, and the exchange's own `figures` (records, noise)."""
+    return UnitReport(
+        unit=source.unit,
+        purpose=source.purpose,
+        encrypted_at_rest=source.encrypted_at_rest,
+        quality=source.quality,
+        excluded=source.excluded,
+        columns_used=list(source.columns_used),
+        columns_dropped=[
+            DroppedColumn(column=d.column, reason=d.reason) for d in source.columns_dropped
+        ],
+        epsilon=ledger.epsilon(job.delta, purpose=job.purpose, run_id=run_id),
+        epsilon_total=ledger.epsilon(job.delta, purpose=job.purpose),
+        epsilon_unit_total=ledger.epsilon(job.delta),
+        budget=ledger.budget(job.purpose),
+        budget_unit=ledger.budget(None),
+        **figures,
+    )
 
 
 def resolve_node(context: Context, nodes: Sequence[Node] | None) -> Node:

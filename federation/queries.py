@@ -220,10 +220,9 @@ class Condition(_Frozen):
         )
 
 
-class GroupKey(_Frozen):
-    """A group-by key (or a histogram's bins): a declared `domain` of categories, or `bins`, the
-    edges of [e0, e1), ..., [e(n-1), en]. Values outside the domain or the bins belong to no group
-    (`outside = "drop"`), or, for bins with `outside = "clip"`, to the first or last bin."""
+class _Declared(_Frozen):
+    """A column with its declared categories (`domain`) or bin edges (`bins`): the public values
+    a group key or a histogram counts over."""
 
     column: str
     domain: tuple[str, ...] | None = None
@@ -242,9 +241,15 @@ class GroupKey(_Frozen):
         return _booleans_as_text(domain)
 
     @model_validator(mode="after")
-    def _declaration_is_consistent(self) -> GroupKey:
+    def _declaration_is_consistent(self) -> _Declared:
         _check_declaration(self.column, self.domain, self.bins, self.labels, self.outside)
         return self
+
+
+class GroupKey(_Declared):
+    """A group-by key (or a histogram's bins): a declared `domain` of categories, or `bins`, the
+    edges of [e0, e1), ..., [e(n-1), en]. Values outside the domain or the bins belong to no group
+    (`outside = "drop"`), or, for bins with `outside = "clip"`, to the first or last bin."""
 
     @property
     def declared(self) -> bool:
@@ -336,30 +341,10 @@ class Mean(_Bounded):
     kind: Literal["mean"] = "mean"
 
 
-class Histogram(_Scoped):
+class Histogram(_Scoped, _Declared):
     """Counts of rows per category (`domain`) or per bin (`bins`) of a column, in each group."""
 
     kind: Literal["histogram"] = "histogram"
-    column: str
-    domain: tuple[str, ...] | None = None
-    bins: tuple[float, ...] | None = None
-    labels: tuple[str, ...] | None = None
-    outside: Literal["drop", "clip"] = "drop"
-
-    @field_validator("column")
-    @classmethod
-    def _known_column(cls, column: str) -> str:
-        return _column_name(column)
-
-    @field_validator("domain", mode="before")
-    @classmethod
-    def _domain_as_text(cls, domain: Any) -> Any:
-        return _booleans_as_text(domain)
-
-    @model_validator(mode="after")
-    def _declaration_is_consistent(self) -> Histogram:
-        _check_declaration(self.column, self.domain, self.bins, self.labels, self.outside)
-        return self
 
     @property
     def key(self) -> GroupKey:
