@@ -1,11 +1,15 @@
 """A BU's silo: its tables, read from the source its `bu.toml` declares, checked and typed.
 
 Files are CSV or Parquet, each optionally AES-GCM encrypted (`<file>.enc`, read through the BU's key
-ring; the plaintext never touches the disk). Every declared column is checked by the BU's data-quality
-rules (`privacy.quality`): with `on_invalid = "error"` the first invalid value stops the run with an
-error naming the file, the column and the row; with `"exclude"` every row of a customer with an
-invalid value is left out and counted. Columns present but not declared are kept here so that
-minimisation can drop and report them; nothing downstream receives them.
+ring; the plaintext never touches the disk); a SQL source is a database read read-only through
+SQLAlchemy, one query per table (clients/sql.py). Whatever the source, the raw tables go through
+the same checks and the same typing, so that the same rows give the same silo (a datetime is kept
+to the microsecond, what SQL databases and CSV parsing hold). Every declared column is checked by
+the BU's data-quality rules (`privacy.quality`): with `on_invalid = "error"` the first invalid
+value stops the run with an error naming the file (or the table's query), the column and the row;
+with `"exclude"` every row of a customer with an invalid value is left out and counted. Columns
+present but not declared are kept here so that minimisation can drop and report them; nothing
+downstream receives them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
 from privacy.encryption import ENCRYPTED_SUFFIX, KeyRing, read_encrypted
 from privacy.errors import ConfigurationError, SiloError
@@ -24,6 +29,9 @@ from privacy.unit_config import UnitConfig
 
 SILO_PURPOSE = "silo"  # the purpose bound into encrypted silo files' associated data
 _TRUE = {"true", "1", "yes", "y", "t"}
+# One resolution for every source: Parquet may hold nanoseconds, CSV text and databases hold
+# microseconds; the same instants must give the same column (and the same features).
+_DATETIME_UNIT = "us"
 
 
 @dataclass(frozen=True)
@@ -87,17 +95,26 @@ def typed(raw: pd.Series, spec: ColumnSpec) -> pd.Series:
     if spec.type in (ColumnType.INTEGER, ColumnType.FLOAT):
         return pd.to_numeric(raw.where(present), errors="coerce")
     if spec.type in (ColumnType.DATE, ColumnType.DATETIME):
-        return pd.to_datetime(raw.where(present), errors="coerce", format="ISO8601")
+        parsed = pd.to_datetime(raw.where(present), errors="coerce", format="ISO8601")
+        return parsed.dt.as_unit(_DATETIME_UNIT)
     if spec.type is ColumnType.BOOLEAN:
         if raw.dtype == bool:
             return raw
+        if is_numeric_dtype(raw) and not is_bool_dtype(raw):  # 1/0; float once one is missing
+            return raw.eq(1).where(present)
         return raw.astype(str).str.strip().str.lower().isin(_TRUE).where(present)
     return raw.where(present).astype("string")
 
 
 def table_file(config: UnitConfig, table: str) -> Path:
     """The path a table is read from: its declared file, or `<file>.enc` in an encrypted silo."""
-    plain = config.source.directory / config.tables[table].file
+    declared = config.tables[table].file
+    if declared is None:
+        raise ConfigurationError(
+            f"unit '{config.unit}': table '{table}' is read from a SQL database "
+            '([source] kind = "sql"); it has no file'
+        )
+    plain = config.source.directory / declared
     encrypted = plain.with_name(plain.name + ENCRYPTED_SUFFIX)
     if config.source.encrypted:
         if plain.exists():
@@ -114,18 +131,27 @@ def table_file(config: UnitConfig, table: str) -> Path:
     return plain
 
 
-def load_silo(config: UnitConfig, *, keyring: KeyRing | None = None) -> Silo:
-    """Read, check and type every declared table of the BU's silo."""
+def read_tables(config: UnitConfig, *, keyring: KeyRing | None = None) -> dict[str, pd.DataFrame]:
+    """Every declared table of the BU's silo as its source holds it, before checks and typing."""
+    if config.source.kind == "sql":
+        from clients.sql import read_sql_tables  # SQLAlchemy and a driver: only for SQL silos
+
+        return read_sql_tables(config)
     directory = config.source.directory
     if not directory.is_dir():
         raise SiloError(
             f"{directory}: the BU's silo directory does not exist; fix [source] directory."
         )
-    raw = {
+    return {
         name: read_table(table_file(config, name), keyring=keyring, unit=config.unit)
         for name in config.tables
     }
-    report = assess(raw, config, config.quality, directory=directory)
+
+
+def load_silo(config: UnitConfig, *, keyring: KeyRing | None = None) -> Silo:
+    """Read, check and type every declared table of the BU's silo."""
+    raw = read_tables(config, keyring=keyring)
+    report = assess(raw, config, config.quality, directory=config.source.directory)
     excluding = config.quality.on_invalid == "exclude"
     kept = exclude_invalid(raw, config, report) if excluding else raw
     tables = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import tomli_w
 
-from clients.silo import SILO_PURPOSE, read_table, table_file
+from clients.silo import SILO_PURPOSE, read_table, read_tables, table_file
 from privacy.atomic import write_atomic
 from privacy.encryption import ENCRYPTED_SUFFIX, read_encrypted, rotate_files, write_encrypted
 from privacy.errors import ConfigurationError
@@ -77,6 +77,11 @@ def encrypt_silo(bu_config: Path, home: UnitHome) -> list[Path]:
     the BU's key ring, created if needed), remove the plaintext, and mark the silo encrypted in its
     `bu.toml`. Returns the encrypted files."""
     config = UnitConfig.load(bu_config)
+    if config.source.kind == "sql":
+        raise ConfigurationError(
+            f'{bu_config}: the silo is a SQL database ([source] kind = "sql"); silofed encrypts '
+            "the files it reads, and encryption at rest of a database is the database's business"
+        )
     if config.source.encrypted:
         raise ConfigurationError(
             f"{bu_config}: the silo is already encrypted ([source] encrypted = true)"
@@ -140,16 +145,14 @@ def erase_customer(
 ) -> Erasure:
     """Remove the customer from every table of the silo (encrypted or not), from the consent
     registry and from a consent export beside the silo, leave a tombstone so that no later import
-    brings them back, and list the runs whose models were trained with their data."""
-    keyring = home.keyring() if config.source.encrypted else None
-    rows_removed = {}
-    for table, spec in config.tables.items():
-        path = table_file(config, table)
-        frame = read_table(path, keyring=keyring, unit=config.unit)
-        keep = frame[spec.key].astype(str) != str(customer_id)
-        rows_removed[table] = int((~keep).sum())
-        if rows_removed[table]:
-            _write_table(path, frame[keep], home, config)
+    brings them back, and list the runs whose models were trained with their data.
+
+    silofed only reads a SQL silo: there the steward deletes the customer's rows in the database
+    first; until the queries return none of them, nothing is erased and the error says so."""
+    if config.source.kind == "sql":
+        rows_removed = _no_rows_left_in_database(config, customer_id)
+    else:
+        rows_removed = _remove_rows(config, home, customer_id)
     export = consent_export(config.source.directory)
     if export is not None:
         events = read_table(export)
@@ -164,13 +167,41 @@ def erase_customer(
     return Erasure(config.unit, rows_removed, removed, runs)
 
 
+def _remove_rows(config: UnitConfig, home: UnitHome, customer_id: str) -> dict[str, int]:
+    keyring = home.keyring() if config.source.encrypted else None
+    rows_removed = {}
+    for table, spec in config.tables.items():
+        path = table_file(config, table)
+        frame = read_table(path, keyring=keyring, unit=config.unit)
+        keep = frame[spec.key].astype(str) != str(customer_id)
+        rows_removed[table] = int((~keep).sum())
+        if rows_removed[table]:
+            _write_table(path, frame[keep], home, config)
+    return rows_removed
+
+
+def _no_rows_left_in_database(config: UnitConfig, customer_id: str) -> dict[str, int]:
+    """Zero rows removed per table, once the steward has deleted the customer's rows."""
+    remaining = {
+        table: int((frame[config.tables[table].key].astype(str) == str(customer_id)).sum())
+        for table, frame in read_tables(config).items()
+    }
+    if any(remaining.values()):
+        raise ConfigurationError(
+            f"unit '{config.unit}': the customer still has rows in the SQL silo "
+            f"({', '.join(f'{t}: {n}' for t, n in remaining.items() if n)}), which silofed only "
+            "reads; delete them in the database, then erase again to remove the consent records "
+            "and leave the tombstone"
+        )
+    return dict.fromkeys(config.tables, 0)
+
+
 def access_report(config: UnitConfig, home: UnitHome, customer_id: str) -> dict:
     """Everything the BU holds about one customer, as JSON-ready data."""
     keyring = home.keyring() if config.source.encrypted else None
     tables = {}
-    for table, spec in config.tables.items():
-        frame = read_table(table_file(config, table), keyring=keyring, unit=config.unit)
-        rows = frame[frame[spec.key].astype(str) == str(customer_id)]
+    for table, frame in read_tables(config, keyring=keyring).items():
+        rows = frame[frame[config.tables[table].key].astype(str) == str(customer_id)]
         tables[table] = (
             rows.astype(object).where(rows.notna(), None).astype(str).to_dict(orient="records")
         )

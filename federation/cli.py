@@ -558,6 +558,19 @@ app.add_typer(consent_app, name="consent")
 app.add_typer(keys_app, name="keys")
 
 
+@data_app.command("to-sqlite")
+def data_to_sqlite(
+    silo: Annotated[Path, typer.Argument(help="a silo directory (its bu.toml and files)")],
+    database: Annotated[Path, typer.Argument(help="the SQLite file to create")],
+) -> None:
+    """Copy a file silo into a new SQLite database, beside a bu.toml that reads it (one
+    read-only query per table): to try an SQL silo."""
+    from simulations.sql import to_sqlite
+
+    bu_config = to_sqlite(silo, database)
+    console.print(f"wrote {database} and {bu_config}")
+
+
 def _unit(bu_config: Path, home: Path | None):
     from privacy.home import UnitHome
     from privacy.unit_config import UnitConfig
@@ -623,6 +636,343 @@ def keys_rotate(bu_config: BuConfig, home: HomeOption = None) -> None:
     console.print(
         f"new key {rotate_silo_key(config, unit_home)} is active; the old key is destroyed"
     )
+
+
+deploy_app = typer.Typer(
+    help="A deployment: the coordinator and one node per BU, over TLS with node authentication.",
+    no_args_is_help=True,
+)
+app.add_typer(deploy_app, name="deploy")
+DeploymentDir = Annotated[
+    Path, typer.Argument(help="the deployment directory (on the coordinator's machine)")
+]
+
+
+@deploy_app.command("init")
+def deploy_init(
+    directory: DeploymentDir,
+    address: Annotated[
+        list[str],
+        typer.Option(
+            "--address",
+            help="a host name or IP address BU nodes reach the coordinator at (repeatable; the "
+            "first goes into node bundles)",
+        ),
+    ],
+    name: Annotated[str, typer.Option(help="the deployment's name")] = "silofed",
+    port: Annotated[int, typer.Option(help="the coordinator's port")] = 9093,
+    listen: Annotated[str, typer.Option(help="the interface the coordinator binds to")] = "0.0.0.0",
+    bu_config: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--bu-config",
+            help="enrol this BU now, with a key pair made here (repeatable; see `deploy enrol`)",
+        ),
+    ] = None,
+    connect_timeout: Annotated[
+        float, typer.Option(help="seconds for every BU node to be connected before a run")
+    ] = 300.0,
+    round_timeout: Annotated[
+        float, typer.Option(help="seconds for one exchange's replies before a BU counts as dropped")
+    ] = 900.0,
+) -> None:
+    """Create a deployment: its CA, the coordinator's TLS certificate and deployment.toml."""
+    from federation.deployment import Timeouts, enrol, init_deployment
+    from privacy.unit_config import UnitConfig
+
+    timeouts = Timeouts(connect=connect_timeout, round=round_timeout)
+    target = init_deployment(
+        directory,
+        name=name,
+        addresses=tuple(address),
+        port=port,
+        listen=listen,
+        timeouts=timeouts,
+    )
+    console.print(f"deployment '{name}' in {target.root}; coordinator at {address[0]}:{port}")
+    console.print(f"CA certificate {target.ca_certificate} (its key ca/ca.key: keep it offline)")
+    for config in bu_config or []:
+        enrolment = enrol(target, UnitConfig.load(config))
+        console.print(
+            f"enrolled {enrolment.unit} ({enrolment.fingerprint}); node bundle "
+            f"{target.node_bundle(enrolment.unit)}"
+        )
+
+
+@deploy_app.command("enrol")
+def deploy_enrol(
+    directory: DeploymentDir,
+    bu_config: Annotated[
+        Path,
+        typer.Option(
+            "--bu-config",
+            help="the BU's bu.toml or its public schema: only the unit, tables, columns and "
+            "purposes are kept",
+        ),
+    ],
+    public_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="the node's public key (node.pub from `silofed deploy keygen` on the BU's "
+            "machine); without it a key pair is made here, in a node bundle"
+        ),
+    ] = None,
+) -> None:
+    """Admit a BU: store its public schema and its node's public key."""
+    from federation.deployment import DeploymentDirectory, enrol, load_schema
+    from privacy.unit_config import UnitConfig
+
+    target = DeploymentDirectory(directory)
+    schema = _schema_of(bu_config, UnitConfig, load_schema)
+    text = _read_public_key(public_key)
+    enrolment = enrol(target, schema, public_key=text, source=str(public_key))
+    console.print(f"enrolled {enrolment.unit} ({enrolment.fingerprint})")
+    if public_key is None:
+        console.print(
+            f"node bundle for its steward: {target.node_bundle(enrolment.unit)} (node.key is "
+            "secret: hand it over only on a trusted channel)"
+        )
+    console.print("a running coordinator admits it after `silofed deploy coordinator` restarts")
+
+
+def _schema_of(path: Path, unit_config, load_schema):
+    from privacy.errors import ConfigurationError
+
+    try:
+        return unit_config.load(path)
+    except ConfigurationError:
+        return load_schema(path)  # a public schema written by `deploy enrol` elsewhere
+
+
+def _read_public_key(path: Path | None) -> str | None:
+    from privacy.errors import ConfigurationError
+
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigurationError(f"--public-key {path}: cannot read it ({err})") from None
+
+
+@deploy_app.command("keygen")
+def deploy_keygen(
+    out: Annotated[Path, typer.Option(help="directory for node.key (0600) and node.pub")],
+) -> None:
+    """Make a node key pair on the BU's machine; send only node.pub to the coordinator."""
+    from federation.deployment import keygen
+
+    console.print(f"node key {out / 'node.key'} (secret); public key {out / 'node.pub'}")
+    console.print(f"fingerprint {keygen(out)}")
+
+
+@deploy_app.command("rotate-key")
+def deploy_rotate_key(
+    directory: DeploymentDir,
+    unit: Annotated[str, typer.Option(help="the BU whose node key is replaced")],
+    public_key: Annotated[
+        Path | None,
+        typer.Option(help="the new public key (else a new pair is made in the node bundle)"),
+    ] = None,
+) -> None:
+    """Replace a BU node's key. A running coordinator admits the new key at once and no longer
+    the old one."""
+    from federation.deployment import DeploymentDirectory, rotate_node_key
+    from server.coordinator import healthy, sync_registrations
+
+    target = DeploymentDirectory(directory)
+    old, new = rotate_node_key(
+        target, unit, public_key=_read_public_key(public_key), source=str(public_key)
+    )
+    console.print(f"{unit}: {old.fingerprint} -> {new.fingerprint}")
+    deployment = target.load()
+    if healthy(target, deployment):
+        sync_registrations(target, deployment)
+        console.print("the running coordinator now admits only the new key")
+    if public_key is None:
+        console.print(f"new node bundle: {target.node_bundle(unit)}")
+
+
+@deploy_app.command("coordinator")
+def deploy_coordinator(directory: DeploymentDir) -> None:
+    """Start the coordinator (Flower SuperLink, TLS, node authentication) and keep it running
+    until interrupted."""
+    import signal
+    import time
+
+    from federation.deployment import DeploymentDirectory
+    from privacy.errors import RunFailed
+    from server.coordinator import Coordinator, control_address
+
+    coordinator = Coordinator(DeploymentDirectory(directory))
+    stopping: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: stopping.append(number))
+    try:
+        nodes = coordinator.start()
+        deployment = coordinator.deployment
+        console.print(
+            f"coordinator of '{deployment.name}' listening on {deployment.listen}:"
+            f"{deployment.port} (tools: {control_address(deployment)}); node keys registered "
+            f"for: {', '.join(sorted(nodes)) or 'no BU yet'}",
+            soft_wrap=True,
+        )
+        while not stopping and coordinator.child.running():
+            time.sleep(0.5)
+    finally:
+        code = coordinator.stop()
+    if not stopping:
+        raise RunFailed(f"flower-superlink stopped (exit {code}); see {coordinator.child.log}")
+    console.print("coordinator stopped")
+
+
+@deploy_app.command("node")
+def deploy_node(
+    bu_config: BuConfig,
+    node_dir: Annotated[
+        Path | None,
+        typer.Option(help="the node bundle from the coordinator (node.toml, ca.pem, node.key)"),
+    ] = None,
+    home: HomeOption = None,
+    coordinator: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the coordinator (default: from the bundle)")
+    ] = None,
+    ca: Annotated[
+        Path | None, typer.Option(help="the deployment's CA certificate (default: the bundle's)")
+    ] = None,
+    key: Annotated[
+        Path | None, typer.Option(help="this node's private key (default: the bundle's)")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="no TLS and no node key: for a throwaway test on one machine")
+    ] = False,
+    runtime_port: Annotated[
+        int, typer.Option(help="local port of the node's own runtime API (one per node)")
+    ] = 9094,
+    connect_timeout: Annotated[
+        float, typer.Option(help="seconds to reach the coordinator before giving up")
+    ] = 300.0,
+) -> None:
+    """Start this BU's node (Flower SuperNode) and keep it running until interrupted."""
+    import signal
+    import time
+
+    from clients.node import Node, NodeOptions, plan_node, probe_coordinator
+
+    plan = plan_node(
+        NodeOptions(
+            bu_config=bu_config,
+            home=home,
+            coordinator=coordinator,
+            ca=ca,
+            key=key,
+            insecure=insecure,
+            runtime_port=runtime_port,
+            connect_timeout=connect_timeout,
+        ),
+        node_dir,
+    )
+    probe_coordinator(plan)
+    node = Node(plan)
+    stopping: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: stopping.append(number))
+    try:
+        node_id = node.wait_connected()
+        console.print(
+            f"node of '{plan.unit}' connected to {plan.coordinator} as node {node_id}"
+            + (f" (key {plan.fingerprint})" if plan.fingerprint else " (insecure)"),
+            soft_wrap=True,
+        )
+        while not stopping and node.running():
+            time.sleep(0.5)
+        failure = None if stopping else node.failure()
+    finally:
+        node.stop()
+    if failure is not None:
+        raise failure
+    console.print("node stopped")
+
+
+@deploy_app.command("status")
+def deploy_status(
+    directory: DeploymentDir,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Enrolled BUs, whether their nodes are connected, and the last run."""
+    import json
+
+    from federation.deployment import DeploymentDirectory
+    from server.coordinator import deployment_status
+
+    status = deployment_status(DeploymentDirectory(directory))
+    if as_json:
+        sys.stdout.write(json.dumps(status, indent=2) + "\n")
+        return
+    console.print(
+        f"deployment '{status['deployment']}' at {status['address']}: coordinator "
+        f"{status['coordinator']}"
+    )
+    table = Table("BU", "node", "state", "key fingerprint", "enrolled")
+    for unit in status["units"]:
+        table.add_row(
+            unit["unit"],
+            str(unit["node_id"] or "-"),
+            unit["state"],
+            unit["fingerprint"],
+            unit["enrolled_at"][:19],
+        )
+    console.print(table)
+    last = status["last_run"]
+    if last is None:
+        console.print("no run yet")
+    else:
+        dropped = ", ".join(sorted({str(d["unit"]) for d in last["dropouts"]})) or "none"
+        rounds = last.get("rounds_completed")
+        console.print(
+            f"last run {last['run_id']} ({last['directory']}): {last['status']}"
+            + (f", {rounds} round(s), BUs dropped: {dropped}" if rounds is not None else "")
+            + (f"; error: {last['error']}" if last.get("error") else ""),
+            soft_wrap=True,
+        )
+
+
+@app.command(epilog=EXIT_CODES)
+def run(
+    job_file: Annotated[Path, typer.Argument(help="the job (TOML), as for `simulate --job`")],
+    deployment: Annotated[
+        Path, typer.Option("--deployment", help="the deployment directory of the coordinator")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="the run directory (default: DEPLOYMENT/runs/RUN_ID)")
+    ] = None,
+) -> None:
+    """Run a job on the deployment: every enrolled BU's node takes part; seeds are refused."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from federation.deployment import DeploymentDirectory
+    from federation.job import Job, load_job_file
+    from server.submit import submit
+
+    job = Job.parse(load_job_file(job_file), source=str(job_file))
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=not sys.stdout.isatty(),
+    ) as progress:
+        bar = progress.add_task(f"submitting {job_file.name} ...", total=None)
+
+        def on_progress(line: str) -> None:
+            progress.update(bar, description=line)
+            if not sys.stdout.isatty():
+                console.print(line, soft_wrap=True)
+
+        directory, report = submit(
+            DeploymentDirectory(deployment), job, out=out, on_progress=on_progress
+        )
+    _print_summary(report, directory)
 
 
 budget_app = typer.Typer(help="A BU's privacy budget and ledger.", no_args_is_help=True)

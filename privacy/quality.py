@@ -25,7 +25,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from privacy.errors import ConfigurationError, SiloError
-from privacy.schema import ColumnSpec, ColumnType, SiloSchema
+from privacy.schema import ColumnSpec, ColumnType, SiloSchema, TableSpec
 
 # The table whose rows are one per customer: a repeated id there is a data error.
 ONE_ROW_PER_CUSTOMER = "customers"
@@ -166,12 +166,13 @@ def assess(
         if table not in tables:
             continue
         frame = tables[table]
-        path = Path(spec.file) if directory is None else Path(directory) / spec.file
+        where = _location(schema.unit, table, spec, directory)
         missing = [c for c in spec.columns if c not in frame.columns]
         if missing:
+            holder = "the file" if spec.file is not None else "the query's SELECT list"
             raise SiloError(
-                f"{path}: missing column(s) {missing} declared in the schema; add them to the file "
-                "or remove them from the schema."
+                f"{where}: missing column(s) {missing} declared in the schema; add them to "
+                f"{holder} or remove them from the schema."
             )
         checks = {
             name: _check_column(frame[name], column, formats.get((table, name)), name)
@@ -195,7 +196,7 @@ def assess(
         if rules.on_invalid == "error":
             for failure in failures:
                 if failure.rows.any():
-                    raise _bad_row(path, frame, failure)
+                    raise _bad_row(where, frame, failure)
         invalid = np.zeros(len(frame), dtype=bool)
         for failure in failures:
             invalid |= failure.rows.to_numpy(dtype=bool)
@@ -267,6 +268,9 @@ def _check_column(
     elif spec.type is ColumnType.BOOLEAN:
         if raw.dtype == bool:
             values = raw
+        elif _is_number(raw):  # 1/0, as databases store them; NaN is missing
+            values = raw.map({1: True, 0: False})
+            type_bad = present & values.isna()
         else:
             text = raw.astype(str).str.strip().str.lower()
             values = text.map(lambda v: True if v in _TRUE else (False if v in _FALSE else None))
@@ -313,12 +317,25 @@ def _check_column(
     return _ColumnCheck(values, present, quality, tuple(failures))
 
 
-def _bad_row(path: Path, frame: pd.DataFrame, failure: _Failure) -> SiloError:
+def _is_number(raw: pd.Series) -> bool:
+    """Numbers, not booleans (pandas counts its nullable boolean as numeric)."""
+    return pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw)
+
+
+def _location(unit: str, table: str, spec: TableSpec, directory: Path | None) -> str:
+    """How errors name a table: its file, or the query that reads it from a SQL source (whose
+    row numbers count the query's result)."""
+    if spec.file is None:
+        return f"unit '{unit}', table '{table}' (the result of tables.{table}.query in bu.toml)"
+    return str(Path(spec.file) if directory is None else Path(directory) / spec.file)
+
+
+def _bad_row(where: str, frame: pd.DataFrame, failure: _Failure) -> SiloError:
     """The error clients/silo.py raises for the first row of `failure`, word for word."""
     mask = failure.rows.to_numpy(dtype=bool)
     position = int(np.flatnonzero(mask)[0])
     value = frame[failure.column].iloc[position]
     return SiloError(
-        f"{path}: column '{failure.column}', row {position + 1}: {failure.problem} "
+        f"{where}: column '{failure.column}', row {position + 1}: {failure.problem} "
         f"(value {value!r}); {int(mask.sum())} row(s) affected. {failure.remedy}"
     )

@@ -145,7 +145,11 @@ class ColumnSpec(_Frozen):
 
 
 class TableSpec(_Frozen):
-    file: str
+    """A table of the silo: its `file` in a files source, or the `query` (one SELECT) that reads it
+    from a SQL source; exactly one of the two."""
+
+    file: str | None = None
+    query: str | None = Field(None, min_length=1)
     columns: dict[str, ColumnSpec]
     key: str = Field(description="the column holding the customer id")
 
@@ -153,6 +157,11 @@ class TableSpec(_Frozen):
     def _key_is_declared(self) -> TableSpec:
         if self.key not in self.columns:
             raise ValueError(f"key column '{self.key}' is not among the declared columns")
+        if (self.file is None) == (self.query is None):
+            raise ValueError(
+                "declare the table's 'file' (a files source) or its 'query' (a SQL source), "
+                "exactly one of them"
+            )
         return self
 
 

@@ -1,7 +1,9 @@
 """The silofed ServerApp (`server.app:app`): plan the run, drive the rounds, write the run directory.
 
-`silofed simulate` builds the app with a ready plan (`make_server_app(plan_for)`); `flwr run .` uses the
-module-level `app`, which reads its plan from the Flower run config (`[tool.flwr.app.config]`).
+`silofed simulate` builds the app with a ready plan (`make_server_app(plan_for)`); `flwr run .` and
+`silofed run JOB --deployment DIR` use the module-level `app`, which reads its plan from the Flower
+run config: `[tool.flwr.app.config]` for `flwr run .`, or, on a deployment, the submitted job, the
+deployment directory (enrolled BUs, their public schemas, deadlines) and the run directory.
 """
 
 from __future__ import annotations
@@ -12,29 +14,33 @@ import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from logging import ERROR, INFO
 from pathlib import Path
 
 import torch
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.serverapp import Grid, ServerApp
 
+from federation.deployment import DeploymentDirectory
 from federation.exchanges import exchange_rounds, planned_evaluation, resolve_job
 from federation.job import Job, JobKind, NoisePlacement
 from federation.saved import saved_model
 from privacy.accounting import central_noise_multiplier
 from privacy.atomic import write_atomic
-from privacy.errors import ConfigurationError
+from privacy.errors import ConfigurationError, SilofedError
 from privacy.samplers import SecureSource, SeededSource
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.artefacts import new_run_id, publish, staging_dir
+from server.coordinator import PROGRESS, node_units
 from server.noise import AppliedUpdates, CentralGaussianNoise
 from server.report import build_report, build_results, render_html
 from server.run import RunPlan, RunRecord
 from server.secure_aggregation import secure_workflows
 from server.strategy import FederatedRounds
-from server.workflow import RoundsWorkflow
+from server.workflow import DeadlineGrid, RoundsWorkflow
 
 
 def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
@@ -64,7 +70,16 @@ def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
     )
     secure = plan.job.secure_aggregation
     workflows = secure_workflows(units, secure) if secure.enabled else None
-    parameters = RoundsWorkflow(workflows)(grid, legacy)
+    grid = DeadlineGrid(grid, plan.round_timeout)
+    try:
+        parameters = RoundsWorkflow(workflows, connect_timeout=plan.connect_timeout)(grid, legacy)
+    except SilofedError as err:
+        if plan.mode == "deployment":
+            # The BUs may have spent budget before the failure: the record says what, and who
+            # dropped out, for the steward and the DPO.
+            record.error = str(err)
+            write_failed_run(record)
+        raise
     write_run_directory(record, parameters)
     return record
 
@@ -89,9 +104,28 @@ def write_run_directory(record: RunRecord, parameters: list) -> None:
     write_atomic(out / "report.html", render_html(report))
 
 
+def write_failed_run(record: RunRecord) -> None:
+    """A failed run's directory: the job, the rounds that completed, and the report (status
+    `failed`, the error, the dropped BUs); no model and no results."""
+    out = record.plan.out
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "job.json", record.plan.job.model_dump_json(indent=2))
+    lines = [
+        json.dumps({"round": s.server_round, **s.metrics, "epsilon": s.epsilon}, sort_keys=True)
+        for s in record.rounds
+    ]
+    write_atomic(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
+    report = build_report(record)
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_atomic(out / "report.html", render_html(report))
+
+
 def plan_from_run_config(context: Context) -> RunPlan:
-    """`flwr run .`: the plan from `[tool.flwr.app.config]` and `--run-config` overrides."""
+    """`flwr run .`: the plan from `[tool.flwr.app.config]` and `--run-config` overrides;
+    `silofed run`: the plan from the submitted job and the deployment directory."""
     config = context.run_config
+    if str(config.get("deployment", "")):
+        return deployment_plan(config)
     data_dir = Path(str(config.get("data-dir", "")))
     schemas = [UnitConfig.load(p) for p in sorted(data_dir.glob(f"*/{UNIT_CONFIG_FILE}"))]
     if not str(config.get("data-dir", "")) or not schemas:
@@ -115,6 +149,51 @@ def plan_from_run_config(context: Context) -> RunPlan:
     )
 
 
+def deployment_plan(config) -> RunPlan:
+    """The plan of a job submitted with `silofed run`: the job as JSON, the deployment directory
+    on the coordinator's machine, and the run directory to write."""
+    directory = DeploymentDirectory(Path(str(config["deployment"])))
+    deployment = directory.load()
+    if not deployment.units:
+        raise ConfigurationError(
+            f"{directory.config_file}: no BU is enrolled; enrol them with `silofed deploy enrol`"
+        )
+    try:
+        data = json.loads(str(config.get("job", "")))
+    except json.JSONDecodeError as err:
+        raise ConfigurationError(
+            f"the submitted job is not JSON ({err}); submit jobs with `silofed run JOB.toml`"
+        ) from None
+    job = Job.parse(data, source="the submitted job")  # refuses a seed
+    if job.kind is JobKind.QUERY and job.query is not None and job.query.units:
+        raise ConfigurationError(
+            "query.units: on a deployment every enrolled BU takes part in every job; remove "
+            "query.units (or run the query in simulation on the BUs it names)"
+        )
+    job = resolve_job(job, directory.schemas(deployment))
+    return RunPlan(
+        run_id=str(config.get("run-id", "")) or new_run_id(),
+        job=job,
+        expected_units=len(deployment.units),
+        mode="deployment",
+        out=Path(str(config["out"])),
+        started_at=datetime.now(UTC),
+        enrolled=tuple(sorted(deployment.units)),
+        connect_timeout=deployment.timeouts.connect,
+        round_timeout=deployment.timeouts.round,
+        node_units=node_units(directory),
+        on_round=_log_round,
+    )
+
+
+def _log_round(summary) -> None:
+    metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(summary.metrics.items()))
+    spent = max(summary.epsilon.values(), default=0.0)
+    log(
+        INFO, "%s round %d done %s epsilon_max=%.4g", PROGRESS, summary.server_round, metrics, spent
+    )
+
+
 def make_server_app(plan_for: Callable[[Context], RunPlan] | None = None) -> ServerApp:
     app = ServerApp()
 
@@ -123,15 +202,28 @@ def make_server_app(plan_for: Callable[[Context], RunPlan] | None = None) -> Ser
         if plan_for is not None:
             run_federation(grid, context, plan_for(context))
             return
-        plan = plan_from_run_config(context)
+        try:
+            plan = plan_from_run_config(context)
+        except SilofedError as err:
+            log(ERROR, "%s failed: %s", PROGRESS, err)
+            raise
         final = plan.out
         staging = staging_dir(final)
+        log(INFO, "%s run %s started: %s", PROGRESS, plan.run_id, final)
         try:
             run_federation(grid, context, replace(plan, out=staging))
             publish(staging, final, overwrite=False)
+        except SilofedError as err:
+            log(ERROR, "%s failed: %s", PROGRESS, err)
+            if plan.mode == "deployment" and (staging / "report.json").exists():
+                publish(staging, final, overwrite=False)  # the failed run's record
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        log(INFO, "%s run %s finished: %s", PROGRESS, plan.run_id, final)
 
     return app
 

@@ -129,10 +129,21 @@ def _overview(report: dict) -> str:
     dropped = ""
     if dropouts:
         dropped = "<h3>Dropouts</h3>" + _table(
-            ["round", "phase", "reason"],
-            [[d.get("round", ""), d.get("phase", ""), d.get("reason", "")] for d in dropouts],
+            ["round", "phase", "BU", "reason"],
+            [
+                [d.get("round", ""), d.get("phase", ""), d.get("unit") or "", d.get("reason", "")]
+                for d in dropouts
+            ],
         )
-    return f'<table class="kv">{table}</table>{dropped}'
+    failed = ""
+    if report.get("status") == "failed":
+        failed = (
+            '<p class="warn"><b>This run failed</b> after '
+            f"{federation.get('rounds_completed', 0)} completed round(s): "
+            f"{_e(report.get('error') or '')}. What the BUs released before the failure is "
+            "below and in their ledgers; there is no model and no result.</p>"
+        )
+    return f'{failed}<table class="kv">{table}</table>{dropped}'
 
 
 def _privacy_unit(unit: str) -> str:

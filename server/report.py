@@ -54,6 +54,8 @@ def build_report(record: RunRecord) -> dict:
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "run_id": plan.run_id,
+        "status": "failed" if record.error is not None else "completed",
+        "error": record.error,
         "started_at": plan.started_at.isoformat(),
         "job": {
             "task": job.task.value,

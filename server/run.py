@@ -41,6 +41,10 @@ class RunPlan:
         default_factory=dict
     )  # unit -> original name (data split)
     on_round: RoundCallback | None = None
+    enrolled: tuple[str, ...] = ()  # the BUs expected to answer, by name (deployment)
+    connect_timeout: float | None = None  # seconds for every BU node to be connected
+    round_timeout: float | None = None  # seconds for one exchange's replies
+    node_units: dict[int, str] = field(default_factory=dict)  # Flower node id -> BU (deployment)
 
 
 @dataclass
@@ -49,7 +53,8 @@ class RunRecord:
     rounds: list[RoundSummary] = field(default_factory=list)
     unit_reports: dict[str, UnitReport] = field(default_factory=dict)  # latest per unit
     refused: dict[str, str] = field(default_factory=dict)  # unit -> reason
-    dropouts: list[dict] = field(default_factory=list)  # round, phase, reason
+    dropouts: list[dict] = field(default_factory=list)  # round, phase, unit, node, reason
+    error: str | None = None  # why the run failed, when it did
     evaluation: dict | None = None  # the DP evaluation: metrics, curves, intervals
     results: dict | None = None  # a query's answers or the segments (results.json)
     _pending_epsilon: dict[str, float] = field(default_factory=dict)

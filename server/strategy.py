@@ -33,7 +33,7 @@ from federation.queries import query_answers
 from federation.secagg import shares_and_threshold
 from federation.segments import initial_centroids, update_centroids
 from federation.tasks import adapter
-from federation.wire import Instruction, Phase, UnitReport, refusal_of
+from federation.wire import UNIT_KEY, Instruction, Phase, UnitReport, refusal_of, unit_of
 from privacy.errors import RefusedByUnit, RunFailed
 from privacy.mechanisms import Placement
 from privacy.samplers import SecureSource, SeededSource
@@ -47,6 +47,8 @@ class FederatedRounds(Strategy):
         self.phase = Phase.TRAIN
         self.completed: dict[Phase, int] = dict.fromkeys(Phase, 0)
         self._current: list[np.ndarray] = []
+        # node id -> BU: from the deployment's registrations and every reply, to name a dropout
+        self.node_units: dict[int, str] = dict(record.plan.node_units)
         seed = record.plan.seed
         # The coordinator's own noise (central placement): OS entropy, or the simulation seed.
         self._source = SecureSource() if seed is None else SeededSource(seed + 1)
@@ -100,27 +102,35 @@ class FederatedRounds(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict]:
-        if failures:
-            # Flower's SecAgg+ workflow lists a dropout twice; one line per distinct failure.
-            reasons = list(dict.fromkeys(_describe(f) for f in failures))
-            if not self._plan.job.secure_aggregation.enabled:
-                raise RunFailed(
-                    f"round {server_round} ({self.phase}): {len(reasons)} BU(s) failed: "
-                    + "; ".join(reasons)
-                )
-            # Under SecAgg+ the workflow already checked that enough BUs survived for the
-            # threshold (or halted, which fails the run); the sum is over the survivors.
-            for reason in reasons:
-                self.record.dropouts.append(
-                    {"round": server_round, "phase": str(self.phase), "reason": reason}
-                )
         answered = []
         for proxy, res in results:
             refusal = refusal_of(res.metrics)
             if refusal is not None:
                 self.record.refused[refusal.unit] = refusal.reason
+                self.node_units[proxy.node_id] = refusal.unit
             else:
                 answered.append((proxy, res))
+                if UNIT_KEY in res.metrics or UnitReport.KEY in res.metrics:
+                    self.node_units[proxy.node_id] = unit_of(res.metrics)
+        if failures:
+            # Flower's SecAgg+ workflow lists a dropout twice; one entry per distinct failure.
+            dropouts = list(
+                {
+                    (d["unit"], d["reason"]): d
+                    for d in (self._dropout(server_round, f) for f in failures)
+                }.values()
+            )
+            self.record.dropouts.extend(dropouts)
+            if not self._plan.job.secure_aggregation.enabled:
+                raise RunFailed(
+                    f"round {server_round} ({self.phase}): {len(dropouts)} BU(s) failed: "
+                    + "; ".join(
+                        f"{d['unit']}: {d['reason']}" if d["unit"] else d["reason"]
+                        for d in dropouts
+                    )
+                )
+            # Under SecAgg+ the workflow already checked that enough BUs survived for the
+            # threshold (or halted, which fails the run); the sum is over the survivors.
         if not answered:
             raise RefusedByUnit(
                 "every BU refused the job: "
@@ -226,13 +236,41 @@ class FederatedRounds(Strategy):
     def evaluate(self, server_round, parameters):
         return None
 
+    def _dropout(
+        self, server_round: int, failure: tuple[ClientProxy, FitRes] | BaseException
+    ) -> dict:
+        """The report's entry for a failed reply, naming the BU when its node is known: from an
+        earlier reply of that node, or as the only enrolled BU that has not answered yet."""
+        if isinstance(failure, BaseException):
+            found = _NODE.search(str(failure))
+            node = int(found.group(1)) if found else None
+        else:
+            node = failure[0].node_id
+        unit = self.node_units.get(node) if node is not None else None
+        if unit is None:
+            silent = sorted(set(self._plan.enrolled) - set(self.node_units.values()))
+            unit = silent[0] if len(silent) == 1 else None
+        return {
+            "round": server_round,
+            "phase": str(self.phase),
+            "unit": unit,
+            "node": node,
+            "reason": _describe(failure),
+        }
+
+
+_NODE = re.compile(r"node (\d+)")
+
 
 def _describe(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
     """The BU's own error message, without the transport's traceback around it."""
     if isinstance(failure, BaseException):
         text = str(failure)
         messages = re.findall(r"Message: (.*?)(?:\\n|\n|'>|$)", text)
-        text = messages[-1] if messages else text
+        if messages:
+            text = messages[-1]
+        elif reason := re.fullmatch(r"Error\(code=\d+, reason='(.*)'\)", text, re.DOTALL):
+            text = reason.group(1)  # an error reply: its reason, without the repr around it
     else:
         proxy, res = failure
         text = f"node {proxy.node_id}: {res.status.message}"

@@ -138,6 +138,7 @@ def simulate(
             privacy_unit=read_privacy_unit(silos_root),
             display_names=display_names(silos_root),
             on_round=on_round,
+            enrolled=tuple(sorted(u.unit for u in units)),
         )
         names = [u.unit for u in units]
         faults = [Fault.parse(text, names) for text in settings.faults]

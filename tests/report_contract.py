@@ -6,6 +6,7 @@ from __future__ import annotations
 TOP_LEVEL = {
     "schema_version": int,
     "run_id": str,
+    "status": str,  # "completed", or "failed" (a deployed run that failed keeps its record)
     "job.task": str,
     "job.purpose": str,
     "job.rounds": int,

@@ -322,13 +322,17 @@ def test_a_query_that_released_nothing_says_so_and_lists_the_dropouts(tmp_path) 
     job = Job(kind="query", query=spec, secure_aggregation={"enabled": True}, noise="distributed")
     record = new_record(tmp_path, job, expected_units=3)
     record.record_release([unit_report(u, 0.0) for u in UNITS])
-    record.dropouts.append({"round": 1, "phase": "query", "reason": f"{HOSTILE} timed out"})
+    record.dropouts.append(
+        {"round": 1, "phase": "query", "unit": HOSTILE, "reason": f"{HOSTILE} timed out"}
+    )
     record.finish_round(1)
     page = render_html(build_report(record))
 
     check_page(page, svgs=1)  # epsilon per BU only
     assert "<h2>Answers</h2><p>No answers were released.</p>" in page
-    assert cells(page, "round", "phase", "reason") == [["1", "query", f"{HOSTILE} timed out"]]
+    assert cells(page, "round", "phase", "BU", "reason") == [
+        ["1", "query", HOSTILE, f"{HOSTILE} timed out"]
+    ]
     assert "secure aggregation on (SecAgg+, threshold" in page
     assert "With SecAgg+ the coordinator sees" in page  # its guarantee is listed
 
@@ -497,3 +501,18 @@ def test_segments_show_sizes_and_centroids_in_natural_units(tmp_path: Path) -> N
     assert units["late"][1] == "refused: budget exhausted for purpose 'segmentation'"
     # report.html reads as well from report.json, and the same report gives the same page
     assert render_html(json.loads(json.dumps(report))) == page
+
+
+def test_a_failed_run_says_so_before_anything_else(tmp_path) -> None:
+    job = Job(kind="query", query=recipes.churn_rate_by_segment([unit_schema("x")]))
+    record = new_record(tmp_path, job, expected_units=2)
+    record.record_release([unit_report(u, 0.5) for u in UNITS[:2]])
+    record.finish_round(1)
+    record.dropouts.append({"round": 2, "phase": "query", "unit": UNITS[1], "reason": "gone"})
+    record.error = f"round 2 (query): 1 BU(s) failed: {UNITS[1]}: gone"
+    report = build_report(record)
+    assert (report["status"], report["error"]) == ("failed", record.error)
+    page = render_html(report)
+    check_page(page, svgs=1)
+    assert page.index("This run failed") < page.index("<table")
+    assert html.escape(record.error) in page

@@ -242,3 +242,39 @@ def test_report_from_a_record_holds_the_contract_and_renders(tmp_path: Path) -> 
     assert html.count("<svg") == 2  # AUC and epsilon charts, inline
     for external in ("<script", "<link", 'src="http', 'href="http', "url(http"):
         assert external not in html  # self-contained: nothing is fetched when it is opened
+
+
+def test_a_dropped_node_is_named_by_its_bu_in_the_error_and_the_record(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    record = _record(tmp_path)
+    record.plan = replace(record.plan, node_units={7: "retail"}, enrolled=("ecommerce", "retail"))
+    strategy = FederatedRounds(FedAvg(), record)
+    failure = Exception("Error(code=5, reason='node 7: no reply within 30 s')")
+    with pytest.raises(RunFailed, match=r"1 BU\(s\) failed: retail: node 7: no reply within 30 s"):
+        strategy.aggregate_fit(
+            2, [_train_reply(3, [np.ones(2)], _report("ecommerce", 5))], [failure]
+        )
+    assert record.dropouts == [
+        {
+            "round": 2,
+            "phase": "train",
+            "unit": "retail",
+            "node": 7,
+            "reason": "node 7: no reply within 30 s",
+        }
+    ]
+
+
+def test_a_node_never_heard_from_is_named_when_it_is_the_only_silent_bu(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    record = _record(tmp_path)
+    record.plan = replace(record.plan, enrolled=("ecommerce", "retail"))
+    strategy = FederatedRounds(FedAvg(), record)
+    failure = Exception("Error(code=5, reason='node 9: Error: Node Unavailable')")
+    with pytest.raises(RunFailed, match="retail: node 9"):
+        strategy.aggregate_fit(
+            1, [_train_reply(3, [np.ones(2)], _report("ecommerce", 5))], [failure]
+        )
+    assert [d["unit"] for d in record.dropouts] == ["retail"]

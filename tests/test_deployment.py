@@ -1,0 +1,222 @@
+"""The deployment engine end to end on 127.0.0.1: `silofed deploy coordinator` (Flower SuperLink with
+TLS and node authentication), one `silofed deploy node` per BU, and `silofed run` submitting a job.
+
+The default test starts one coordinator and two nodes for the whole module (about a minute with
+the run) and checks the refusals against the same coordinator; the kill test and the larger run
+with an SQL silo are slow. Every process is stopped by the fixture that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from simulations.synthetic import synthesize
+from tests.deployment import LocalDeployment, free_port, local_deployment
+from tests.report_contract import assert_report_contract
+
+pytestmark = pytest.mark.flower
+RUN_FILES = {"job.json", "metrics.jsonl", "model.pt", "report.html", "report.json", "results.json"}
+
+
+def _silos(root: Path, units: int, customers: int = 300) -> dict[str, Path]:
+    synthesize(root, units=units, customers=customers, seed=3)
+    return {p.parent.name: p for p in sorted(root.glob("*/bu.toml"))}
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory) -> LocalDeployment:
+    root = tmp_path_factory.mktemp("deployment")
+    with local_deployment(root, _silos(root / "silos", units=2)) as running:
+        running.start_coordinator()
+        for unit in running.silos:
+            running.start_node(unit).wait_for("connected to")
+        yield running
+
+
+def _job(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_churn_job_runs_on_the_deployment_and_writes_the_simulation_contract(
+    deployment: LocalDeployment,
+) -> None:
+    job = _job(deployment.root / "churn.toml", 'task = "churn"\nrounds = 1\nepsilon = 3.0\n')
+    out = deployment.root / "run"
+    done = deployment.silofed(
+        "run", str(job), "--deployment", str(deployment.directory), "--out", str(out)
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "round 1 done" in done.stdout  # progress streamed from the coordinator
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+    report = json.loads((out / "report.json").read_text())
+    assert_report_contract(report)
+    assert report["status"] == "completed"
+    assert report["federation"]["mode"] == "deployment"
+    assert report["federation"]["seed"] is None
+    assert report["federation"]["units"] == sorted(deployment.silos)
+    assert report["federation"]["rounds_completed"] == 1
+    assert all(0 < u["epsilon"] <= 3.0 for u in report["privacy"]["per_unit"])
+    assert "OS entropy" in report["privacy"]["randomness"]
+
+    status = deployment.silofed("deploy", "status", str(deployment.directory), "--json")
+    assert status.returncode == 0, status.stderr
+    state = json.loads(status.stdout)
+    assert state["coordinator"] == "running"
+    assert [(u["unit"], u["state"]) for u in state["units"]] == [
+        (unit, "online") for unit in sorted(deployment.silos)
+    ]
+    assert state["last_run"]["run_id"] == report["run_id"]
+    assert state["last_run"]["status"] == "completed"
+
+
+def test_a_job_with_a_seed_is_refused_before_it_is_submitted(deployment: LocalDeployment) -> None:
+    job = _job(deployment.root / "seeded.toml", 'task = "churn"\nrounds = 1\nseed = 7\n')
+    done = deployment.silofed("run", str(job), "--deployment", str(deployment.directory))
+    assert done.returncode == 2
+    assert "never carries a seed" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _node(deployment: LocalDeployment, *args: str):
+    unit = sorted(deployment.silos)[0]
+    return deployment.silofed(
+        "deploy",
+        "node",
+        "--bu-config",
+        str(deployment.silos[unit]),
+        "--home",
+        str(deployment.homes[unit]),
+        "--runtime-port",
+        str(free_port()),
+        "--connect-timeout",
+        "20",
+        *args,
+        timeout=120,
+    )
+
+
+def test_a_node_with_an_unregistered_key_is_refused(deployment: LocalDeployment) -> None:
+    stranger = deployment.root / "stranger"
+    assert deployment.silofed("deploy", "keygen", "--out", str(stranger)).returncode == 0
+    bundle = deployment.directory / "nodes" / sorted(deployment.silos)[0]
+    done = _node(
+        deployment,
+        "--coordinator",
+        f"127.0.0.1:{deployment.port}",
+        "--ca",
+        str(bundle / "ca.pem"),
+        "--key",
+        str(stranger / "node.key"),
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "does not admit this node's key" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_node_without_the_ca_fails_to_connect(deployment: LocalDeployment) -> None:
+    bundle = deployment.directory / "nodes" / sorted(deployment.silos)[0]
+    done = _node(
+        deployment,
+        "--coordinator",
+        f"127.0.0.1:{deployment.port}",
+        "--key",
+        str(bundle / "node.key"),
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "not signed by the system's CAs" in done.stderr
+    assert "--ca" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_node_key_without_tls_refuses_to_start(deployment: LocalDeployment) -> None:
+    bundle = deployment.directory / "nodes" / sorted(deployment.silos)[0]
+    done = _node(deployment, "--node-dir", str(bundle), "--insecure")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "node authentication works only over TLS" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_killing_a_node_mid_run_fails_the_run_cleanly_and_names_the_bu(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    silos = _silos(tmp_path / "silos", units=2)
+    with local_deployment(tmp_path, silos, round_timeout=60) as running:
+        running.start_coordinator()
+        nodes = {unit: running.start_node(unit) for unit in running.silos}
+        for node in nodes.values():
+            node.wait_for("connected to")
+        job = _job(tmp_path / "churn3.toml", 'task = "churn"\nrounds = 3\n')
+        log = tmp_path / "run.log"
+        with open(log, "w") as handle:
+            submitted = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "federation.cli",
+                    "run",
+                    str(job),
+                    "--deployment",
+                    str(running.directory),
+                    "--out",
+                    str(tmp_path / "run"),
+                ],
+                cwd=tmp_path,
+                env=running.env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 300
+            while "round 1 done" not in log.read_text():
+                assert submitted.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.3)
+            killed = sorted(running.silos)[1]
+            started = time.monotonic()
+            nodes[killed].kill()
+            code = submitted.wait(timeout=300)
+            elapsed = time.monotonic() - started
+        finally:
+            if submitted.poll() is None:
+                submitted.kill()
+        output = log.read_text()
+        assert code == 1, output
+        assert f"{killed}: node" in output
+        assert elapsed < 60 + 30  # within the round deadline, never hanging
+        report = json.loads((tmp_path / "run" / "report.json").read_text())
+        assert report["status"] == "failed"
+        assert report["federation"]["rounds_completed"] == 1
+        assert {d["unit"] for d in report["federation"]["dropouts"]} == {killed}
+
+
+@pytest.mark.slow
+def test_three_bus_two_rounds_one_of_them_a_sqlite_silo(tmp_path: Path) -> None:
+    from simulations.sql import to_sqlite
+
+    silos = _silos(tmp_path / "silos", units=3)
+    sql_unit = sorted(silos)[0]
+    silos[sql_unit] = to_sqlite(silos[sql_unit].parent, tmp_path / "sql" / f"{sql_unit}.sqlite")
+    with local_deployment(tmp_path, silos) as running:
+        running.start_coordinator()
+        for unit in running.silos:
+            running.start_node(unit).wait_for("connected to")
+        job = _job(tmp_path / "churn2.toml", 'task = "churn"\nrounds = 2\nepsilon = 3.0\n')
+        out = tmp_path / "run"
+        done = running.silofed(
+            "run", str(job), "--deployment", str(running.directory), "--out", str(out)
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert_report_contract(report)
+    assert report["federation"]["units"] == sorted(silos)
+    assert report["federation"]["rounds_completed"] == 2
+    per_unit = {u["unit"]: u for u in report["privacy"]["per_unit"]}
+    assert per_unit[sql_unit]["records_used"] > 0
+    assert all(0 < u["epsilon"] <= 3.0 for u in per_unit.values())
