@@ -202,7 +202,7 @@ def probe_coordinator(plan: NodePlan) -> None:
             time.sleep(1.0)
 
 
-class Node:
+class RunningNode:
     """A running SuperNode for one BU."""
 
     def __init__(self, plan: NodePlan) -> None:

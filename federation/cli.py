@@ -857,7 +857,7 @@ def deploy_node(
     import signal
     import time
 
-    from clients.node import Node, NodeOptions, plan_node, probe_coordinator
+    from clients.node import NodeOptions, RunningNode, plan_node, probe_coordinator
 
     plan = plan_node(
         NodeOptions(
@@ -873,7 +873,7 @@ def deploy_node(
         node_dir,
     )
     probe_coordinator(plan)
-    node = Node(plan)
+    node = RunningNode(plan)
     stopping: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda number, frame: stopping.append(number))

@@ -31,7 +31,7 @@ import re
 import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import tomli_w
 from cryptography import x509
@@ -44,6 +44,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from privacy.atomic import write_atomic
 from privacy.errors import ConfigurationError
 from privacy.schema import SiloSchema
+
+if TYPE_CHECKING:
+    from federation.job import Job
+
+_M = TypeVar("_M", bound=BaseModel)
 
 DEPLOYMENT_FILE = "deployment.toml"
 NODE_FILE = "node.toml"
@@ -143,20 +148,11 @@ class DeploymentDirectory:
         return self.root / "nodes" / unit
 
     def load(self) -> Deployment:
-        path = self.config_file
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigurationError(
-                f"{path}: no deployment here; create one with `silofed deploy init {self.root}` "
-                f"(see {DEPLOYMENT_DOCS})"
-            ) from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigurationError(f"{path}: not valid TOML ({err}); fix the file.") from None
-        try:
-            return Deployment.model_validate(data)
-        except ValidationError as err:
-            raise ConfigurationError(f"{path}: invalid deployment: {_problems(err)}") from None
+        missing = (
+            f"no deployment here; create one with `silofed deploy init {self.root}` "
+            f"(see {DEPLOYMENT_DOCS})"
+        )
+        return _load_toml(self.config_file, Deployment, "deployment", missing=missing)
 
     def save(self, deployment: Deployment) -> None:
         write_atomic(
@@ -343,7 +339,19 @@ def check_address(address: str) -> str:
     return address
 
 
-# -- schemas ------------------------------------------------------------------------------------
+# -- schemas and jobs ---------------------------------------------------------------------------
+
+
+def check_deployable(job: Job) -> Job:
+    """On a deployment every enrolled BU takes part in every job."""
+    from federation.job import JobKind  # the job model pulls in the DP stack: only when needed
+
+    if job.kind is JobKind.QUERY and job.query is not None and job.query.units:
+        raise ConfigurationError(
+            "query.units: on a deployment every enrolled BU takes part in every job; remove "
+            "query.units (or run the query in simulation on the BUs it names)"
+        )
+    return job
 
 
 def public_schema(config: SiloSchema) -> dict:
@@ -359,16 +367,22 @@ def public_schema(config: SiloSchema) -> dict:
 
 
 def load_schema(path: Path) -> SiloSchema:
+    missing = "the BU's schema is missing; enrol the BU again with `silofed deploy enrol`"
+    return _load_toml(path, SiloSchema, "BU schema", missing=missing)
+
+
+def _load_toml(path: Path, model: type[_M], what: str, *, missing: str) -> _M:
+    """Read and validate a TOML file; every error names the file and the fix."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigurationError(
-            f"{path}: the BU's schema is missing; enrol the BU again with `silofed deploy enrol`"
-        ) from None
+        raise ConfigurationError(f"{path}: {missing}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigurationError(f"{path}: not valid TOML ({err}); fix the file.") from None
     try:
-        return SiloSchema.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigurationError(f"{path}: invalid BU schema: {_problems(err)}") from None
+        raise ConfigurationError(f"{path}: invalid {what}: {_problems(err)}") from None
 
 
 # -- operations ---------------------------------------------------------------------------------
@@ -513,17 +527,8 @@ def keygen(out: Path) -> str:
 
 
 def load_node_settings(bundle: Path) -> NodeSettings:
-    path = bundle / NODE_FILE
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigurationError(
-            f"{path}: not a node bundle; use the directory the coordinator sent "
-            "(DIR/nodes/UNIT), or pass --coordinator, --ca and --key"
-        ) from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigurationError(f"{path}: not valid TOML ({err}); fix the file.") from None
-    try:
-        return NodeSettings.model_validate(data)
-    except ValidationError as err:
-        raise ConfigurationError(f"{path}: invalid node settings: {_problems(err)}") from None
+    missing = (
+        "not a node bundle; use the directory the coordinator sent (DIR/nodes/UNIT), or pass "
+        "--coordinator, --ca and --key"
+    )
+    return _load_toml(bundle / NODE_FILE, NodeSettings, "node settings", missing=missing)

@@ -24,7 +24,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.serverapp import Grid, ServerApp
 
-from federation.deployment import DeploymentDirectory
+from federation.deployment import DeploymentDirectory, check_deployable
 from federation.exchanges import exchange_rounds, planned_evaluation, resolve_job
 from federation.job import Job, JobKind, NoisePlacement
 from federation.saved import saved_model
@@ -78,18 +78,21 @@ def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
             # The BUs may have spent budget before the failure: the record says what, and who
             # dropped out, for the steward and the DPO.
             record.error = str(err)
-            write_failed_run(record)
+            write_run_directory(record, None)
         raise
     write_run_directory(record, parameters)
     return record
 
 
-def write_run_directory(record: RunRecord, parameters: list) -> None:
+def write_run_directory(record: RunRecord, parameters: list | None) -> None:
+    """The run directory. A failed run (`record.error` set, no final `parameters`) keeps the
+    job, the rounds that completed and the report (status `failed`, the error, the dropped
+    BUs), and has no model and no results."""
     plan, job = record.plan, record.plan.job
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "job.json", job.model_dump_json(indent=2))
-    if job.kind is not JobKind.QUERY:
+    if parameters is not None and job.kind is not JobKind.QUERY:
         buffer = io.BytesIO()
         torch.save(saved_model(job, parameters), buffer)
         write_atomic(out / "model.pt", buffer.getvalue())
@@ -97,25 +100,10 @@ def write_run_directory(record: RunRecord, parameters: list) -> None:
         json.dumps({"round": s.server_round, **s.metrics, "epsilon": s.epsilon}, sort_keys=True)
         for s in record.rounds
     ]
-    write_atomic(out / "metrics.jsonl", "\n".join(lines) + "\n")
-    report = build_report(record)
-    write_atomic(out / "results.json", json.dumps(build_results(record, report), indent=2))
-    write_atomic(out / "report.json", json.dumps(report, indent=2))
-    write_atomic(out / "report.html", render_html(report))
-
-
-def write_failed_run(record: RunRecord) -> None:
-    """A failed run's directory: the job, the rounds that completed, and the report (status
-    `failed`, the error, the dropped BUs); no model and no results."""
-    out = record.plan.out
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "job.json", record.plan.job.model_dump_json(indent=2))
-    lines = [
-        json.dumps({"round": s.server_round, **s.metrics, "epsilon": s.epsilon}, sort_keys=True)
-        for s in record.rounds
-    ]
     write_atomic(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
     report = build_report(record)
+    if parameters is not None:
+        write_atomic(out / "results.json", json.dumps(build_results(record, report), indent=2))
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     write_atomic(out / "report.html", render_html(report))
 
@@ -164,13 +152,10 @@ def deployment_plan(config) -> RunPlan:
         raise ConfigurationError(
             f"the submitted job is not JSON ({err}); submit jobs with `silofed run JOB.toml`"
         ) from None
-    job = Job.parse(data, source="the submitted job")  # refuses a seed
-    if job.kind is JobKind.QUERY and job.query is not None and job.query.units:
-        raise ConfigurationError(
-            "query.units: on a deployment every enrolled BU takes part in every job; remove "
-            "query.units (or run the query in simulation on the BUs it names)"
-        )
-    job = resolve_job(job, directory.schemas(deployment))
+    job = resolve_job(
+        check_deployable(Job.parse(data, source="the submitted job")),  # refuses a seed
+        directory.schemas(deployment),
+    )
     return RunPlan(
         run_id=str(config.get("run-id", "")) or new_run_id(),
         job=job,

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import tomli_w
 
-from federation.deployment import DeploymentDirectory
+from federation.deployment import DeploymentDirectory, check_deployable
 from federation.exchanges import exchange_rounds, phases, resolve_job
-from federation.job import Job, JobKind
+from federation.job import Job
 from federation.processes import flower_environment, flower_program, strip_colours
 from privacy.atomic import write_atomic
 from privacy.errors import ConfigurationError, RunFailed
@@ -92,12 +92,8 @@ def submit(
         raise ConfigurationError(
             f"{directory.config_file}: no BU is enrolled; enrol them with `silofed deploy enrol`"
         )
-    if job.kind is JobKind.QUERY and job.query is not None and job.query.units:
-        raise ConfigurationError(
-            "query.units: on a deployment every enrolled BU takes part in every job; remove "
-            "query.units (or run the query in simulation on the BUs it names)"
-        )
-    resolve_job(job, directory.schemas(deployment))  # a job the BUs cannot run stops here
+    # a job the BUs cannot run stops here, before anything is submitted
+    resolve_job(check_deployable(job), directory.schemas(deployment))
     write_connection(directory, deployment)
     if not healthy(directory, deployment):
         raise ConfigurationError(

@@ -136,8 +136,9 @@ class LocalDeployment:
         coordinator.wait_for("coordinator of")
         return coordinator
 
-    def start_node(self, unit: str, *extra: str, bundle: bool = True) -> Process:
-        args = [
+    def node_args(self, unit: str, *extra: str) -> list[str]:
+        """`silofed deploy node` for `unit` on a free runtime port, with `extra` options."""
+        return [
             "deploy",
             "node",
             "--bu-config",
@@ -148,10 +149,13 @@ class LocalDeployment:
             str(free_port()),
             "--connect-timeout",
             "20",
+            *extra,
         ]
-        if bundle:
-            args += ["--node-dir", str(self.directory / "nodes" / unit)]
-        return self.start(f"node-{unit}", *args, *extra)
+
+    def start_node(self, unit: str) -> Process:
+        """The node of `unit`, from its node bundle."""
+        bundle = str(self.directory / "nodes" / unit)
+        return self.start(f"node-{unit}", *self.node_args(unit, "--node-dir", bundle))
 
     def stop_all(self) -> None:
         for process in reversed(self.processes):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from simulations.synthetic import synthesize
-from tests.deployment import LocalDeployment, free_port, local_deployment
+from tests.deployment import LocalDeployment, local_deployment
 from tests.report_contract import assert_report_contract
 
 pytestmark = pytest.mark.flower
@@ -83,21 +83,9 @@ def test_a_job_with_a_seed_is_refused_before_it_is_submitted(deployment: LocalDe
 
 
 def _node(deployment: LocalDeployment, *args: str):
+    """`silofed deploy node` for the first BU, run to its end."""
     unit = sorted(deployment.silos)[0]
-    return deployment.silofed(
-        "deploy",
-        "node",
-        "--bu-config",
-        str(deployment.silos[unit]),
-        "--home",
-        str(deployment.homes[unit]),
-        "--runtime-port",
-        str(free_port()),
-        "--connect-timeout",
-        "20",
-        *args,
-        timeout=120,
-    )
+    return deployment.silofed(*deployment.node_args(unit, *args), timeout=120)
 
 
 def test_a_node_with_an_unregistered_key_is_refused(deployment: LocalDeployment) -> None:
@@ -220,3 +208,42 @@ def test_three_bus_two_rounds_one_of_them_a_sqlite_silo(tmp_path: Path) -> None:
     per_unit = {u["unit"]: u for u in report["privacy"]["per_unit"]}
     assert per_unit[sql_unit]["records_used"] > 0
     assert all(0 < u["epsilon"] <= 3.0 for u in per_unit.values())
+
+
+@pytest.mark.slow
+def test_a_rotated_key_is_refused_and_registrations_survive_a_coordinator_restart(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    silos = _silos(tmp_path / "silos", units=2)
+    unit = sorted(silos)[0]
+    with local_deployment(tmp_path, silos) as running:
+        coordinator = running.start_coordinator()
+        old_key = tmp_path / "old.key"
+        shutil.copy(running.directory / "nodes" / unit / "node.key", old_key)
+        old_key.chmod(0o600)
+        rotated = running.silofed("deploy", "rotate-key", str(running.directory), "--unit", unit)
+        assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+        assert "now admits only the new key" in rotated.stdout
+        refused = _node(
+            running,
+            "--coordinator",
+            f"127.0.0.1:{running.port}",
+            "--ca",
+            str(running.directory / "ca" / "ca.pem"),
+            "--key",
+            str(old_key),
+        )
+        assert refused.returncode == 2 and "does not admit this node's key" in refused.stderr
+        # the coordinator restarts with the same registrations: the new key is admitted
+        coordinator.stop()
+        running.start_coordinator()
+        node = running.start_node(unit)
+        node.wait_for("connected to")
+        status = json.loads(
+            running.silofed("deploy", "status", str(running.directory), "--json").stdout
+        )
+        states = {u["unit"]: u["state"] for u in status["units"]}
+        assert states[unit] == "online"
+        assert states[sorted(silos)[1]] == "registered"  # enrolled, never started
