@@ -284,10 +284,13 @@ def _print_summary(report: dict, out: Path) -> None:
 
     for answer in results.get("answers", [])[:40]:
         group = ", ".join(f"{k}={v}" for k, v in (answer.get("group") or {}).items())
+        label = escape(f"{answer['name']}{' (' + group + ')' if group else ''}: ")
+        if answer["value"] is None:  # a ratio whose noisy denominator is not positive
+            console.print(label + escape(f"no value ({answer.get('note', '')})"), highlight=False)
+            continue
         low, high = answer["interval"]
         console.print(
-            escape(f"{answer['name']}{' (' + group + ')' if group else ''}: ")
-            + f"[bold]{answer['value']:.4g}[/bold]  95% [{low:.4g}, {high:.4g}]",
+            label + f"[bold]{answer['value']:.4g}[/bold]  95% [{low:.4g}, {high:.4g}]",
             highlight=False,
         )
     if len(results.get("answers", [])) > 40:

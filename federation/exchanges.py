@@ -28,10 +28,10 @@ from federation.wire import Phase
 from privacy.accounting import DpSgdEvent
 from privacy.errors import ConfigurationError
 from privacy.mechanisms import noise_multiplier
-from privacy.unit_config import UnitConfig
+from privacy.schema import SiloSchema
 
 
-def resolve_job(job: Job, configs: Sequence[UnitConfig]) -> Job:
+def resolve_job(job: Job, configs: Sequence[SiloSchema]) -> Job:
     """The job made concrete from the BUs' declared schemas (public metadata, never data): the
     model's or the segmentation's features, or the query (recipes expanded), checked against every
     taking part BU's declared purposes, columns, bounds and domains before any BU reads data."""
@@ -57,7 +57,7 @@ def resolve_job(job: Job, configs: Sequence[UnitConfig]) -> Job:
     return job.model_copy(update={"features": adapter(job.task).feature_spec(configs, job.purpose)})
 
 
-def taking_part(job: Job, configs: Sequence[UnitConfig]) -> list[UnitConfig]:
+def taking_part(job: Job, configs: Sequence[SiloSchema]) -> list[SiloSchema]:
     """The BUs a job names (a query's `units`), or all of them; an unknown name is an error."""
     names = job.query.units if job.kind is JobKind.QUERY and job.query is not None else ()
     if not names:

@@ -26,7 +26,7 @@ from federation.queries import preview_answers
 from federation.secagg import shares_and_threshold
 from federation.wire import Phase
 from privacy.mechanisms import NoiseInSum, Placement, unit_sigma
-from privacy.unit_config import UnitConfig
+from privacy.schema import SiloSchema
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Preview:
         }
 
 
-def preview(job: Job, configs: Sequence[UnitConfig]) -> Preview:
+def preview(job: Job, configs: Sequence[SiloSchema]) -> Preview:
     chosen = taking_part(job, configs)
     job = resolve_job(job, chosen)
     units = [c.unit for c in chosen]

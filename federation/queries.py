@@ -47,8 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from federation.release import Part, ReleaseLayout, layout_of
 from privacy.errors import ConfigurationError, PolicyViolation
 from privacy.mechanisms import NoiseInSum, ratio_interval
-from privacy.schema import NUMERIC_TYPES, TEMPORAL_TYPES, ColumnType
-from privacy.unit_config import UnitConfig
+from privacy.schema import NUMERIC_TYPES, TEMPORAL_TYPES, ColumnType, SiloSchema
 
 QUERY_DOCS = "docs/queries.md"
 CUSTOMERS = "customers"
@@ -662,11 +661,11 @@ class QuerySpec(_Frozen):
                 "the query is incomplete: " + "; ".join(problems) + f" (see {QUERY_DOCS})"
             )
 
-    def taking_part(self, configs: Sequence[UnitConfig]) -> list[UnitConfig]:
+    def taking_part(self, configs: Sequence[SiloSchema]) -> list[SiloSchema]:
         """The configurations of the BUs named in `units` (all when `units` is empty)."""
         return units_taking_part(configs, self.units)
 
-    def check_against(self, configs: Sequence[UnitConfig]) -> None:
+    def check_against(self, configs: Sequence[SiloSchema]) -> None:
         """Every check a BU would make, on the declared configurations alone (no data read): the
         query is complete, each BU taking part declares the purpose, the purpose allows every
         column read (and the tables' keys), no column is a special category, and every use of a
@@ -693,7 +692,7 @@ class QuerySpec(_Frozen):
                     f"({list(declared)}) of any BU taking part; fix the values (see {QUERY_DOCS})"
                 )
 
-    def check_unit(self, config: UnitConfig) -> None:
+    def check_unit(self, config: SiloSchema) -> None:
         """The checks of `check_against` for one BU (run by the BU itself before it reads data)."""
         self._require_complete()
         where = f"unit '{config.unit}'"
@@ -794,7 +793,7 @@ def _plan_of(spec: QuerySpec) -> tuple[dict[str, Measure], dict[str, tuple[str, 
     return {name: measure for measure, name in names.items()}, parts_of
 
 
-def units_taking_part(configs: Sequence[UnitConfig], units: Sequence[str]) -> list[UnitConfig]:
+def units_taking_part(configs: Sequence[SiloSchema], units: Sequence[str]) -> list[SiloSchema]:
     """The configurations of the BUs named in `units` (all of them when `units` is empty)."""
     known = {c.unit for c in configs}
     unknown = [u for u in units if u not in known]
@@ -812,7 +811,7 @@ def units_taking_part(configs: Sequence[UnitConfig], units: Sequence[str]) -> li
 # --- checks of one use of a column against a BU's declaration ---------------------------------
 
 
-def _kind_of(config: UnitConfig, column: str) -> tuple[str, bool]:
+def _kind_of(config: SiloSchema, column: str) -> tuple[str, bool]:
     """(numeric | temporal | category | boolean | string | month, nullable)."""
     derived = DERIVED_COLUMNS.get(column)
     if derived is not None:
@@ -834,13 +833,13 @@ def _kind_of(config: UnitConfig, column: str) -> tuple[str, bool]:
     return kind, declared.nullable
 
 
-def column_kind(config: UnitConfig, column: str) -> str:
+def column_kind(config: SiloSchema, column: str) -> str:
     """How the BU compares and groups the values of `column`: numeric, temporal, category,
     boolean, string or month (YYYY-MM text)."""
     return _kind_of(config, column)[0]
 
 
-def _check_use(config: UnitConfig, at: str, column: str, use: object, spec: QuerySpec) -> None:
+def _check_use(config: SiloSchema, at: str, column: str, use: object, spec: QuerySpec) -> None:
     kind, nullable = _kind_of(config, column)
     where = f"unit '{config.unit}': {at}"
     categorical = ("category", "boolean", "string", "month")
@@ -902,7 +901,7 @@ def _check_use(config: UnitConfig, at: str, column: str, use: object, spec: Quer
 # --- resolution of a job's [query] table --------------------------------------------------------
 
 
-def declared_domain(column: str, configs: Sequence[UnitConfig]) -> tuple[str, ...] | None:
+def declared_domain(column: str, configs: Sequence[SiloSchema]) -> tuple[str, ...] | None:
     """The categories of `column` the BUs declare (their union, in order of first declaration):
     booleans are ('false', 'true'); `derived.main_channel` takes the channel's domain and
     `derived.signup_month` every month within the declared signup bounds. None when undeclared."""
@@ -924,7 +923,7 @@ def declared_domain(column: str, configs: Sequence[UnitConfig]) -> tuple[str, ..
     return tuple(values) or None
 
 
-def declared_bounds(column: str, configs: Sequence[UnitConfig]) -> tuple[Any, Any] | None:
+def declared_bounds(column: str, configs: Sequence[SiloSchema]) -> tuple[Any, Any] | None:
     """The widest declared [lower, upper] of `column` over the BUs that declare it."""
     found = []
     for config in configs:
@@ -940,7 +939,7 @@ def declared_bounds(column: str, configs: Sequence[UnitConfig]) -> tuple[Any, An
 
 
 def declared_window(
-    configs: Sequence[UnitConfig], lookback_days: int = DEFAULT_LOOKBACK_DAYS
+    configs: Sequence[SiloSchema], lookback_days: int = DEFAULT_LOOKBACK_DAYS
 ) -> tuple[datetime, int] | None:
     """(observation date, look-back days) from the declared bounds of `transactions.timestamp`:
     the window ends where the silos' period ends, as for the churn task's features."""
@@ -957,7 +956,7 @@ def months_between(first: datetime | date, last: datetime | date) -> tuple[str, 
     return tuple(f"{m // 12:04d}-{m % 12 + 1:02d}" for m in range(start, end + 1))
 
 
-def _derived_bounds(column: str, spec: QuerySpec, configs: Sequence[UnitConfig]):
+def _derived_bounds(column: str, spec: QuerySpec, configs: Sequence[SiloSchema]):
     if column == "derived.recency_days" and spec.lookback_days is not None:
         return 0.0, float(spec.lookback_days)
     if column == "derived.monetary":
@@ -974,7 +973,7 @@ def _derived_bounds(column: str, spec: QuerySpec, configs: Sequence[UnitConfig])
     return float(bounds[0]), float(bounds[1])
 
 
-def _completed(spec: QuerySpec, configs: Sequence[UnitConfig]) -> QuerySpec:
+def _completed(spec: QuerySpec, configs: Sequence[SiloSchema]) -> QuerySpec:
     """`spec` with what the BUs declare filled in: the look-back window, categorical domains and
     clipping bounds. Bin edges are never filled: they are the analyst's choice of resolution."""
     update: dict[str, Any] = {}
@@ -1027,7 +1026,7 @@ def parse_query(section: Mapping[str, Any]) -> QuerySpec:
 
 
 def resolve_query(
-    section: Mapping[str, Any] | QuerySpec, configs: Sequence[UnitConfig]
+    section: Mapping[str, Any] | QuerySpec, configs: Sequence[SiloSchema]
 ) -> QuerySpec:
     """The complete, checked query of a job: a `[query]` table (or a `recipe = "..."` table,
     expanded by `federation.recipes`), with the look-back window, categorical domains and

@@ -54,7 +54,7 @@ from federation.queries import (
     validation_problems,
 )
 from privacy.errors import ConfigurationError
-from privacy.unit_config import UnitConfig
+from privacy.schema import SiloSchema
 
 ANALYTICS_PURPOSE = "analytics"
 RFM_COLUMNS = {
@@ -90,7 +90,7 @@ DEFAULT_STAGES = (
 _validated = validate_call(config=ConfigDict(arbitrary_types_allowed=True))
 
 
-def _window(configs: Sequence[UnitConfig], lookback_days: int) -> tuple[Any, int]:
+def _window(configs: Sequence[SiloSchema], lookback_days: int) -> tuple[Any, int]:
     window = declared_window(configs, lookback_days)
     if window is None:
         raise ConfigurationError(
@@ -115,7 +115,7 @@ def _log_edges(lower: float, upper: float, bins: int) -> tuple[float, ...]:
 
 
 def rfm_edges(
-    configs: Sequence[UnitConfig],
+    configs: Sequence[SiloSchema],
     *,
     lookback_days: int,
     frequency_upper: float = FREQUENCY_UPPER,
@@ -142,7 +142,7 @@ def _rfm_key(name: str, edges: Sequence[float]) -> GroupKey:
 
 def _segment_key(
     column: str,
-    configs: Sequence[UnitConfig],
+    configs: Sequence[SiloSchema],
     bins: Sequence[float] | None,
     lookback_days: int,
     frequency_upper: float,
@@ -160,7 +160,7 @@ def _segment_key(
 
 @_validated
 def rfm_segments(
-    configs: Sequence[UnitConfig],
+    configs: Sequence[SiloSchema],
     *,
     purpose: str = ANALYTICS_PURPOSE,
     units: tuple[str, ...] = (),
@@ -207,7 +207,7 @@ def rfm_segments(
 
 @_validated
 def rfm_quantiles(
-    configs: Sequence[UnitConfig],
+    configs: Sequence[SiloSchema],
     *,
     purpose: str = ANALYTICS_PURPOSE,
     units: tuple[str, ...] = (),
@@ -268,7 +268,7 @@ def quintile_edges(result: QueryResult) -> dict[str, tuple[float, ...]]:
 
 @_validated
 def churn_rate_by_segment(
-    configs: Sequence[UnitConfig],
+    configs: Sequence[SiloSchema],
     *,
     purpose: str = ANALYTICS_PURPOSE,
     units: tuple[str, ...] = (),
@@ -302,7 +302,7 @@ def churn_rate_by_segment(
 
 @_validated
 def funnel(
-    configs: Sequence[UnitConfig],
+    configs: Sequence[SiloSchema],
     *,
     purpose: str = ANALYTICS_PURPOSE,
     units: tuple[str, ...] = (),
@@ -352,7 +352,7 @@ def funnel(
 
 @_validated
 def cohort_retention(
-    configs: Sequence[UnitConfig],
+    configs: Sequence[SiloSchema],
     *,
     purpose: str = ANALYTICS_PURPOSE,
     units: tuple[str, ...] = (),
@@ -410,7 +410,7 @@ def _month(index: int) -> date:
 
 @_validated
 def top_categories(
-    configs: Sequence[UnitConfig],
+    configs: Sequence[SiloSchema],
     *,
     purpose: str = ANALYTICS_PURPOSE,
     units: tuple[str, ...] = (),
@@ -458,7 +458,7 @@ RECIPES: dict[str, Callable[..., QuerySpec]] = {
 
 
 def build_recipe(
-    name: str, configs: Sequence[UnitConfig], parameters: Mapping[str, Any]
+    name: str, configs: Sequence[SiloSchema], parameters: Mapping[str, Any]
 ) -> QuerySpec:
     """The query of recipe `name` with `parameters` (the other keys of its `[query]` table)."""
     recipe = RECIPES.get(name)

@@ -316,3 +316,34 @@ def test_a_query_is_refused_before_any_bu_reads_data(silos, tmp_path):
     with pytest.raises(ConfigurationError, match="bins"):
         run_in_process(unbounded, silos, tmp_path / "homes")
     assert not (tmp_path / "homes").exists()  # no BU home was even prepared
+
+
+def test_the_summary_shows_a_ratio_without_value_as_such(capsys, tmp_path):
+    from federation.cli import _print_summary
+
+    report = {
+        "run_id": "r",
+        "job": {"kind": "query", "task": "churn", "purpose": "analytics", "epsilon": 1.0},
+        "model": None,
+        "privacy": {"per_unit": [], "delta": 1e-6},
+        "federation": {"display_names": {}},
+        "results": {
+            "answers": [
+                {
+                    "name": "repeat_to_loyal",
+                    "group": {"channel": "phone"},
+                    "value": None,
+                    "interval": [None, None],
+                    "note": "the noisy denominator is not positive: no value",
+                },
+                {"name": "customers", "group": {}, "value": 12.0, "interval": [9.0, 15.0]},
+            ]
+        },
+    }
+    _print_summary(report, tmp_path)
+    printed = capsys.readouterr().out
+    assert (
+        "repeat_to_loyal (channel=phone): no value (the noisy denominator is not positive"
+        in printed
+    )
+    assert "customers: 12  95% [9, 15]" in printed

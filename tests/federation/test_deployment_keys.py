@@ -221,3 +221,37 @@ def test_the_job_travels_in_an_app_without_code(directory: DeploymentDirectory) 
 def test_the_run_deadline_is_the_sum_of_the_deployments_deadlines() -> None:
     # two training exchanges and one DP evaluation: 60 + 3 x 100 + the start-up margin
     assert run_deadline(Job(rounds=2), connect=60.0, per_exchange=100.0) == 60 + 300 + 120
+
+
+def test_the_coordinator_plans_any_job_kind_from_the_enrolled_public_schemas(
+    directory: DeploymentDirectory, silos: dict[str, Path], tmp_path: Path
+) -> None:
+    import json
+
+    from federation.job import load_job_file
+    from server.app import deployment_plan
+
+    for bu_config in silos.values():
+        enrol(directory, UnitConfig.load(bu_config))
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    for example in ("funnel", "cohort_retention", "segments", "response_model"):
+        job = Job.parse(load_job_file(examples / f"{example}.toml"), source=example)
+        config = {
+            "job": job.model_dump_json(exclude_none=True),
+            "deployment": str(directory.root),
+            "out": str(tmp_path / example),
+            "run-id": f"run-{example}",
+        }
+        plan = deployment_plan(config)
+        assert (plan.mode, plan.seed, plan.run_id) == ("deployment", None, f"run-{example}")
+        assert plan.enrolled == tuple(sorted(silos)) and plan.expected_units == 2
+        assert (plan.connect_timeout, plan.round_timeout) == (300.0, 900.0)
+    seeded = {**config, "job": json.dumps({"task": "churn", "seed": 1})}
+    with pytest.raises(ConfigurationError, match="never carries a seed"):
+        deployment_plan(seeded)
+    named = {
+        "kind": "query",
+        "query": {"purpose": "analytics", "recipe": "funnel", "units": ["ecommerce"]},
+    }
+    with pytest.raises(ConfigurationError, match="every enrolled BU takes part"):
+        deployment_plan({**config, "job": json.dumps(named)})
