@@ -2,8 +2,8 @@
 TLS and node authentication), one `silofed deploy node` per BU, and `silofed run` submitting a job.
 
 The default test starts one coordinator and two nodes for the whole module (about a minute with
-the run) and checks the refusals against the same coordinator; the kill test and the larger run
-with an SQL silo are slow. Every process is stopped by the fixture that started it.
+the run) and checks the refusals against the same coordinator; the kill test, the larger run (3
+BUs, 2 rounds under SecAgg+, one BU's silo in SQLite) and the key rotation are slow. Every process is stopped by the fixture that started it.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def test_killing_a_node_mid_run_fails_the_run_cleanly_and_names_the_bu(tmp_path:
 
 
 @pytest.mark.slow
-def test_three_bus_two_rounds_one_of_them_a_sqlite_silo(tmp_path: Path) -> None:
+def test_three_bus_two_secure_rounds_one_of_them_a_sqlite_silo(tmp_path: Path) -> None:
     from simulations.sql import to_sqlite
 
     silos = _silos(tmp_path / "silos", units=3)
@@ -195,7 +195,10 @@ def test_three_bus_two_rounds_one_of_them_a_sqlite_silo(tmp_path: Path) -> None:
         running.start_coordinator()
         for unit in running.silos:
             running.start_node(unit).wait_for("connected to")
-        job = _job(tmp_path / "churn2.toml", 'task = "churn"\nrounds = 2\nepsilon = 3.0\n')
+        job = _job(
+            tmp_path / "churn2.toml",
+            'task = "churn"\nrounds = 2\nepsilon = 3.0\n[secure_aggregation]\nenabled = true\n',
+        )
         out = tmp_path / "run"
         done = running.silofed(
             "run", str(job), "--deployment", str(running.directory), "--out", str(out)
@@ -205,6 +208,8 @@ def test_three_bus_two_rounds_one_of_them_a_sqlite_silo(tmp_path: Path) -> None:
     assert_report_contract(report)
     assert report["federation"]["units"] == sorted(silos)
     assert report["federation"]["rounds_completed"] == 2
+    assert report["federation"]["secure_aggregation"] is True  # SecAgg+ over the deployment
+    assert report["federation"]["dropouts"] == []
     per_unit = {u["unit"]: u for u in report["privacy"]["per_unit"]}
     assert per_unit[sql_unit]["records_used"] > 0
     assert all(0 < u["epsilon"] <= 3.0 for u in per_unit.values())
