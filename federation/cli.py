@@ -978,6 +978,42 @@ def run(
     _print_summary(report, directory)
 
 
+audit_app = typer.Typer(help="Audit logs: verify what a run recorded.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    public_key: Annotated[
+        str | None,
+        typer.Option(
+            help="the coordinator's audit public key (base64); default: the run's audit.pub, "
+            "which proves integrity only as far as that file is trusted"
+        ),
+    ] = None,
+) -> None:
+    """Check a run's audit log (chain, hashes, signatures) and every artefact it lists; exit 0
+    only when the log is intact and complete and no artefact changed."""
+    from privacy.errors import RunFailed
+    from server.audit_trail import verify_run
+
+    result, problems = verify_run(run_dir, public_key)
+    console.print(f"{run_dir / 'audit.jsonl'}: {result.message}", soft_wrap=True)
+    for problem in problems:
+        console.print(f"artefact {problem}", soft_wrap=True)
+    if public_key is None:
+        console.print(
+            "(checked against the run's own audit.pub; pass --public-key to check "
+            "against the coordinator's published key)"
+        )
+    if not result.ok or problems:
+        raise RunFailed(
+            "the run's record does not verify: "
+            + "; ".join([result.message] * (not result.ok) + problems)
+        )
+
+
 budget_app = typer.Typer(help="A BU's privacy budget and ledger.", no_args_is_help=True)
 app.add_typer(budget_app, name="budget")
 

@@ -34,6 +34,7 @@ from privacy.errors import ConfigurationError, SilofedError
 from privacy.samplers import SecureSource, SeededSource
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.artefacts import new_run_id, publish, staging_dir
+from server.audit_trail import PUBLIC_KEY_FILE, log_artefacts, log_outcome, open_run_log
 from server.coordinator import PROGRESS, node_units
 from server.noise import AppliedUpdates, CentralGaussianNoise
 from server.report import build_report, build_results, render_html
@@ -45,6 +46,7 @@ from server.workflow import DeadlineGrid, RoundsWorkflow
 
 def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
     record = RunRecord(plan)
+    record.audit = open_run_log(plan)
     units = plan.expected_units
     inner = FedAvg(
         fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=units, min_available_clients=units
@@ -106,6 +108,15 @@ def write_run_directory(record: RunRecord, parameters: list | None) -> None:
         write_atomic(out / "results.json", json.dumps(build_results(record, report), indent=2))
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     write_atomic(out / "report.html", render_html(report))
+    if record.audit is not None:
+        log_outcome(record.audit, record)
+        written = ["job.json", "model.pt", "metrics.jsonl", "results.json", "report.json"]
+        log_artefacts(
+            record.audit,
+            out,
+            [n for n in (*written, "report.html", PUBLIC_KEY_FILE) if (out / n).exists()],
+        )
+        record.audit.checkpoint(final=True)
 
 
 def plan_from_run_config(context: Context) -> RunPlan:
@@ -167,6 +178,7 @@ def deployment_plan(config) -> RunPlan:
         connect_timeout=deployment.timeouts.connect,
         round_timeout=deployment.timeouts.round,
         node_units=node_units(directory),
+        audit_key=directory.root / "coordinator" / "audit.key",
         on_round=_log_round,
     )
 

@@ -10,6 +10,7 @@ import math
 from importlib.metadata import version
 
 from federation.job import JobKind
+from privacy.audit import public_key_text
 from server.run import RunRecord
 
 REPORT_SCHEMA_VERSION = 1
@@ -56,6 +57,15 @@ def build_report(record: RunRecord) -> dict:
         "run_id": plan.run_id,
         "status": "failed" if record.error is not None else "completed",
         "error": record.error,
+        "audit": (
+            {
+                "log": "audit.jsonl",
+                "public_key": public_key_text(record.audit.key.public_key()),
+                "verify": "silofed audit verify RUN_DIR",
+            }
+            if record.audit is not None
+            else None
+        ),
         "started_at": plan.started_at.isoformat(),
         "job": {
             "task": job.task.value,

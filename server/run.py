@@ -14,6 +14,7 @@ from typing import Literal
 
 from federation.job import Job
 from federation.wire import UnitReport
+from privacy.audit import AuditLog
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class RunPlan:
     connect_timeout: float | None = None  # seconds for every BU node to be connected
     round_timeout: float | None = None  # seconds for one exchange's replies
     node_units: dict[int, str] = field(default_factory=dict)  # Flower node id -> BU (deployment)
+    audit_key: Path | None = None  # the coordinator's audit signing key (None: SILOFED_HOME's)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class RunRecord:
     refused: dict[str, str] = field(default_factory=dict)  # unit -> reason
     dropouts: list[dict] = field(default_factory=list)  # round, phase, unit, node, reason
     error: str | None = None  # why the run failed, when it did
+    audit: AuditLog | None = None  # the run's audit log, written as the run goes
     evaluation: dict | None = None  # the DP evaluation: metrics, curves, intervals
     results: dict | None = None  # a query's answers or the segments (results.json)
     _pending_epsilon: dict[str, float] = field(default_factory=dict)
@@ -100,6 +103,11 @@ class RunRecord:
         )
         self._pending_metrics = {}
         self.rounds.append(summary)
+        if self.audit is not None:
+            self.audit.append(
+                "round.finished",
+                {"round": server_round, "epsilon": summary.epsilon, "metrics": summary.metrics},
+            )
         if self.plan.on_round is not None:
             self.plan.on_round(summary)
         return summary

@@ -21,6 +21,7 @@ from federation.exchanges import exchange_rounds, phases, resolve_job
 from federation.job import Job
 from privacy.unit_config import UnitConfig
 from server.app import write_run_directory
+from server.audit_trail import open_run_log
 from server.run import RunPlan, RunRecord
 from server.strategy import FederatedRounds
 
@@ -70,6 +71,8 @@ def run_in_process(
         seed=seed,
     )
     record = RunRecord(plan)
+    if out is not None:
+        record.audit = open_run_log(plan)
     units = len(nodes)
     strategy = FederatedRounds(
         FedAvg(

@@ -7,6 +7,8 @@ TOP_LEVEL = {
     "schema_version": int,
     "run_id": str,
     "status": str,  # "completed", or "failed" (a deployed run that failed keeps its record)
+    "audit.log": str,
+    "audit.public_key": str,
     "job.task": str,
     "job.purpose": str,
     "job.rounds": int,

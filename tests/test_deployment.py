@@ -19,7 +19,10 @@ from tests.deployment import LocalDeployment, local_deployment
 from tests.report_contract import assert_report_contract
 
 pytestmark = pytest.mark.flower
-RUN_FILES = {"job.json", "metrics.jsonl", "model.pt", "report.html", "report.json", "results.json"}
+RUN_FILES = {
+    *("job.json", "metrics.jsonl", "model.pt", "report.html", "report.json", "results.json"),
+    *("audit.jsonl", "audit.jsonl.head", "audit.pub"),
+}
 
 
 def _silos(root: Path, units: int, customers: int = 300) -> dict[str, Path]:
@@ -62,6 +65,8 @@ def test_a_churn_job_runs_on_the_deployment_and_writes_the_simulation_contract(
     assert report["federation"]["rounds_completed"] == 1
     assert all(0 < u["epsilon"] <= 3.0 for u in report["privacy"]["per_unit"])
     assert "OS entropy" in report["privacy"]["randomness"]
+    verified = deployment.silofed("audit", "verify", str(out))
+    assert verified.returncode == 0 and "intact and complete" in verified.stdout, verified.stderr
 
     status = deployment.silofed("deploy", "status", str(deployment.directory), "--json")
     assert status.returncode == 0, status.stderr
@@ -182,6 +187,8 @@ def test_killing_a_node_mid_run_fails_the_run_cleanly_and_names_the_bu(tmp_path:
         assert report["status"] == "failed"
         assert report["federation"]["rounds_completed"] == 1
         assert {d["unit"] for d in report["federation"]["dropouts"]} == {killed}
+        verified = running.silofed("audit", "verify", str(tmp_path / "run"))
+        assert verified.returncode == 0, verified.stdout + verified.stderr  # a complete record
 
 
 @pytest.mark.slow

@@ -42,6 +42,9 @@ def test_simulate_three_units_two_rounds_writes_a_complete_run_directory(tmp_pat
     assert done.returncode == 0, done.stdout + done.stderr
     assert "global AUC" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == [
+        "audit.jsonl",
+        "audit.jsonl.head",
+        "audit.pub",
         "job.json",
         "metrics.jsonl",
         "model.pt",
@@ -54,6 +57,8 @@ def test_simulate_three_units_two_rounds_writes_a_complete_run_directory(tmp_pat
 
     report = json.loads((out / "report.json").read_text())
     assert_report_contract(report)
+    verified = silofed("audit", "verify", str(out), cwd=tmp_path)
+    assert verified.returncode == 0 and "intact and complete" in verified.stdout, verified.stderr
     assert report["federation"]["mode"] == "simulation"
     assert report["federation"]["seed"] == 11
     assert report["federation"]["units"] == ["card_services", "ecommerce", "retail_stores"]

@@ -25,6 +25,7 @@ from federation.features import resolve_feature_spec
 from federation.job import Job
 from federation.wire import UNIT_KEY, DroppedColumn, Instruction, Phase, Refusal, UnitReport
 from privacy.errors import RefusedByUnit, RunFailed
+from server.audit_trail import open_run_log
 from server.report import build_report, render_html
 from server.run import RunPlan, RunRecord
 from server.strategy import FederatedRounds
@@ -234,6 +235,7 @@ def test_report_from_a_record_holds_the_contract_and_renders(tmp_path: Path) -> 
         ],
         [],
     )
+    record.audit = open_run_log(record.plan)  # a real run opens its log when it starts
     report = build_report(record)
     assert_report_contract(report)
     assert report["model"]["metrics"]["auc"] == 1.0
