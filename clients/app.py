@@ -176,7 +176,8 @@ class BusinessUnitClient(NumPyClient):
                         reply = self._release(
                             tables, vector, parameters, instruction, ledger, prepared=prepared
                         )
-                if is_last_exchange(job, phase, instruction.server_round):
+                last = is_last_exchange(job, phase, instruction.server_round)
+                if last:
                     ledger.release(instruction.run_id, job.purpose, now=datetime.now(UTC))
             if phase in (Phase.TRAIN, Phase.QUERY) or (
                 phase is Phase.SEGMENTS and instruction.server_round == 1
@@ -186,8 +187,10 @@ class BusinessUnitClient(NumPyClient):
                     lineage.record_digests(
                         instruction.run_id, used, purpose=job.purpose, now=datetime.now(UTC)
                     )
+            _audit_exchange(home, instruction, reply, final=last)
             return reply
         except RefusedByUnit as refusal:
+            _audit(home, "job.refused", instruction, {"reason": str(refusal)}, final=True)
             if job.secure_aggregation.enabled:
                 # Under SecAgg+ a reply without the masked vector would break the protocol for
                 # everyone; the BU drops out instead, and SecAgg+ recovers from the dropout.
@@ -469,6 +472,44 @@ class BusinessUnitClient(NumPyClient):
         share = discrete_gaussian(plan.share_std, flat.size, source)
         on_grid = ((rounded + share).astype(np.float64) / plan.scale).astype(np.float32)
         return _split(on_grid, update)
+
+
+def _audit(
+    home: UnitHome, event: str, instruction: Instruction, data: dict, *, final: bool
+) -> None:
+    """One entry in the BU's own audit log, then a signed checkpoint (final at the run's end)."""
+    log = home.audit_log()
+    log.append(
+        event,
+        {
+            "run_id": instruction.run_id,
+            "round": instruction.server_round,
+            "phase": str(instruction.phase),
+            "purpose": instruction.job.purpose,
+            **data,
+        },
+    )
+    log.checkpoint(final=final)
+
+
+def _audit_exchange(home: UnitHome, instruction: Instruction, reply, *, final: bool) -> None:
+    """What the BU released in this exchange, from its own report: counts, columns, epsilon,
+    secure aggregation; never an id or a value."""
+    metrics = reply[2]
+    data: dict = {"secure_aggregation": instruction.job.secure_aggregation.enabled}
+    if UnitReport.KEY in metrics:
+        report = UnitReport.from_metrics(metrics)
+        data |= {
+            "records_used": report.records_used,
+            "records_test": report.records_test,
+            "excluded": dict(report.excluded),
+            "columns_used": list(report.columns_used),
+            "columns_dropped": [d.model_dump() for d in report.columns_dropped],
+            "epsilon": report.epsilon,
+            "epsilon_total": report.epsilon_total,
+            "epsilon_unit_total": report.epsilon_unit_total,
+        }
+    _audit(home, "exchange.answered", instruction, data, final=final)
 
 
 def _unit_report(

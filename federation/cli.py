@@ -984,7 +984,7 @@ app.add_typer(audit_app, name="audit")
 
 @audit_app.command("verify")
 def audit_verify(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    run_dir: Annotated[Path, typer.Argument(help="a run directory, or a BU's home")],
     public_key: Annotated[
         str | None,
         typer.Option(
@@ -995,10 +995,14 @@ def audit_verify(
 ) -> None:
     """Check a run's audit log (chain, hashes, signatures) and every artefact it lists; exit 0
     only when the log is intact and complete and no artefact changed."""
+    from privacy.audit import verify_home
     from privacy.errors import RunFailed
     from server.audit_trail import verify_run
 
-    result, problems = verify_run(run_dir, public_key)
+    if (run_dir / "keys" / "audit.key").exists():  # a BU home: checked with the BU's own key
+        result, problems, public_key = verify_home(run_dir), [], "the BU's own key"
+    else:
+        result, problems = verify_run(run_dir, public_key)
     console.print(f"{run_dir / 'audit.jsonl'}: {result.message}", soft_wrap=True)
     for problem in problems:
         console.print(f"artefact {problem}", soft_wrap=True)

@@ -304,3 +304,13 @@ def read_entries(path: Path, count: int) -> list[dict[str, Any]]:
     """The first `count` entries of a log (those `verify` vouched for)."""
     lines = Path(path).read_bytes().split(b"\n")[:count]
     return [json.loads(line) for line in lines]
+
+
+def verify_home(home: Path) -> Verification:
+    """A BU's own audit log, checked against the public half of the BU's audit key."""
+    log_file, key_file = Path(home) / "audit.jsonl", Path(home) / "keys" / "audit.key"
+    if not log_file.exists() or not key_file.exists():
+        raise ConfigurationError(
+            f"{home}: no audit.jsonl and keys/audit.key; give a BU home that has taken part in a run"
+        )
+    return verify(log_file, load_or_create_signing_key(key_file).public_key())

@@ -3,6 +3,7 @@
     HOME/consent.sqlite   the consent registry (events, tombstones of erased customers)
     HOME/lineage.sqlite   which runs used which customers (HMAC digests, never ids)
     HOME/ledger.sqlite    the privacy ledger: every DP release, budgets, reservations
+    HOME/audit.jsonl      the BU's audit log (privacy.audit), signed with keys/audit.key
     HOME/keys/            key material, files 0600 in a 0700 directory:
         pseudonym.key     HMAC key for pseudonyms, lineage and tombstones (held by the BU only)
         linkage.key       optional, shared by BUs for purposes that declare cross-BU linkage
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from privacy.audit import AuditLog, load_or_create_signing_key
 from privacy.encryption import KeyRing
 from privacy.errors import ConfigurationError
 from privacy.ledger import PrivacyLedger
@@ -49,6 +51,11 @@ class UnitHome:
 
     def lineage(self) -> Lineage:
         return Lineage.open(self.directory / "lineage.sqlite")
+
+    def audit_log(self) -> AuditLog:
+        """The BU's own audit log, signed with its audit key (made on first use, 0600)."""
+        key = load_or_create_signing_key(self.keys_directory / "audit.key")
+        return AuditLog(self.directory / "audit.jsonl", actor=f"bu:{self.config.unit}", key=key)
 
     def ledger(self) -> PrivacyLedger:
         return PrivacyLedger.open(self.directory / "ledger.sqlite", unit=self.config.unit)

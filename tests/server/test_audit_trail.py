@@ -88,3 +88,29 @@ def _public_key(run_dir: Path):
     from privacy.audit import load_public_key
 
     return load_public_key((run_dir / "audit.pub").read_text().strip())
+
+
+def test_every_bu_keeps_its_own_log_which_agrees_with_the_report(run) -> None:
+    run_dir, silos = run
+    report = json.loads((run_dir / "report.json").read_text())
+    homes = run_dir.parent / "homes"
+    ids = set()
+    for customers in silos.glob("*/customers.parquet"):
+        ids |= set(pd.read_parquet(customers)["customer_id"].astype(str))
+    for unit in report["federation"]["units"]:
+        home = homes / unit
+        cli = CliRunner().invoke(app, ["audit", "verify", str(home)])
+        assert cli.exit_code == 0 and "intact and complete" in cli.output, cli.output
+        entries = [json.loads(line) for line in (home / LOG_FILE).read_text().splitlines()]
+        answered = [e for e in entries if e["event"] == "exchange.answered"]
+        assert [(e["data"]["round"], e["data"]["phase"]) for e in answered] == [
+            (1, "train"),
+            (2, "train"),
+            (2, "evaluate"),  # the DP evaluation follows the last round's training
+        ]
+        assert all(e["actor"] == f"bu:{unit}" for e in entries)
+        logged = answered[-1]["data"]["epsilon"]
+        reported = {u["unit"]: u["epsilon"] for u in report["privacy"]["per_unit"]}[unit]
+        assert logged == reported  # what the BU says it released = what the report says
+        text = (home / LOG_FILE).read_text()
+        assert not [i for i in ids if f'"{i}"' in text]
