@@ -498,17 +498,7 @@ def _audit_exchange(home: UnitHome, instruction: Instruction, reply, *, final: b
     metrics = reply[2]
     data: dict = {"secure_aggregation": instruction.job.secure_aggregation.enabled}
     if UnitReport.KEY in metrics:
-        report = UnitReport.from_metrics(metrics)
-        data |= {
-            "records_used": report.records_used,
-            "records_test": report.records_test,
-            "excluded": dict(report.excluded),
-            "columns_used": list(report.columns_used),
-            "columns_dropped": [d.model_dump() for d in report.columns_dropped],
-            "epsilon": report.epsilon,
-            "epsilon_total": report.epsilon_total,
-            "epsilon_unit_total": report.epsilon_unit_total,
-        }
+        data |= UnitReport.from_metrics(metrics).audit_summary()
     _audit(home, "exchange.answered", instruction, data, final=final)
 
 

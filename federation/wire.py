@@ -109,6 +109,24 @@ class UnitReport(BaseModel):
 
     KEY: ClassVar[str] = _PREFIX + "unit_report"
 
+    def audit_summary(self) -> dict:
+        """What an audit log records of this report, on either side: counts, columns, epsilon,
+        releases; nothing but disclosed metadata and DP figures."""
+        return {
+            "unit": self.unit,
+            "purpose": self.purpose,
+            "records_used": self.records_used,
+            "records_test": self.records_test,
+            "excluded": dict(self.excluded),
+            "columns_used": list(self.columns_used),
+            "columns_dropped": [d.model_dump() for d in self.columns_dropped],
+            "epsilon": self.epsilon,
+            "epsilon_total": self.epsilon_total,
+            "epsilon_unit_total": self.epsilon_unit_total,
+            "releases": self.releases,
+            "encrypted_at_rest": self.encrypted_at_rest,
+        }
+
     def to_metrics(self) -> dict[str, str]:
         return {self.KEY: self.model_dump_json()}
 

@@ -66,23 +66,7 @@ def open_run_log(plan: RunPlan) -> AuditLog:
 def log_outcome(log: AuditLog, record: RunRecord) -> None:
     """What each BU released over the run, who refused and who dropped out."""
     for unit in record.units:
-        report = record.unit_reports[unit]
-        log.append(
-            "unit.released",
-            {
-                "unit": unit,
-                "purpose": report.purpose,
-                "records_used": report.records_used,
-                "records_test": report.records_test,
-                "excluded": dict(report.excluded),
-                "columns_used": list(report.columns_used),
-                "columns_dropped": [d.model_dump() for d in report.columns_dropped],
-                "epsilon": report.epsilon,
-                "epsilon_total": report.epsilon_total,
-                "releases": report.releases,
-                "encrypted_at_rest": report.encrypted_at_rest,
-            },
-        )
+        log.append("unit.released", record.unit_reports[unit].audit_summary())
     for unit, reason in sorted(record.refused.items()):
         log.append("unit.refused", {"unit": unit, "reason": reason})
     for dropout in record.dropouts:
