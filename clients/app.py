@@ -511,6 +511,8 @@ def _unit_report(
         unit=source.unit,
         purpose=source.purpose,
         encrypted_at_rest=source.encrypted_at_rest,
+        legal_basis=source.legal_basis,
+        jurisdictions=list(source.jurisdictions),
         quality=source.quality,
         excluded=source.excluded,
         columns_used=list(source.columns_used),

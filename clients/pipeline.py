@@ -51,6 +51,8 @@ class PreparedUnit:
     columns_dropped: tuple[ColumnDrop, ...]
     quality: dict
     encrypted_at_rest: bool
+    legal_basis: str = ""  # the purpose's, as the BU declared it
+    jurisdictions: tuple[str, ...] = ()
 
 
 def held_out(customer_ids: np.ndarray, key: str, fraction: float) -> np.ndarray:
@@ -102,6 +104,8 @@ class PreparedTables:
     columns_dropped: tuple[ColumnDrop, ...]
     quality: dict
     encrypted_at_rest: bool
+    legal_basis: str = ""  # the purpose's, as the BU declared it
+    jurisdictions: tuple[str, ...] = ()
 
 
 def prepare_tables(
@@ -195,6 +199,8 @@ def prepare_tables(
         columns_dropped=minimised.dropped,
         quality=_quality_of_used_columns(silo.quality, minimised.used),
         encrypted_at_rest=silo.encrypted,
+        legal_basis=policy.legal_basis,
+        jurisdictions=tuple(str(j) for j in silo.config.jurisdictions),
     )
 
 
@@ -228,6 +234,8 @@ def features_of(prepared: PreparedTables, matrix: FeatureMatrix) -> PreparedUnit
         columns_dropped=prepared.columns_dropped,
         quality=prepared.quality,
         encrypted_at_rest=prepared.encrypted_at_rest,
+        legal_basis=prepared.legal_basis,
+        jurisdictions=prepared.jurisdictions,
     )
 
 

@@ -129,7 +129,15 @@ def rotate_silo_key(config: UnitConfig, home: UnitHome) -> str:
             f"unit '{config.unit}': the silo is not encrypted; nothing to rotate"
         )
     files = [(table_file(config, t), config.unit, SILO_PURPOSE) for t in config.tables]
-    return rotate_files(home.keyring(), files)
+    keyring = home.keyring()
+    old = keyring.active_kid
+    new = rotate_files(keyring, files)
+    _record(
+        home,
+        "key.rotated",
+        {"key": "silo key-encryption key", "old": old, "new": new, "files": len(files)},
+    )
+    return new
 
 
 @dataclass(frozen=True)
@@ -164,7 +172,25 @@ def erase_customer(
         removed = registry.erase(customer_id, tombstone_key=key, now=now)
     with home.lineage() as lineage:
         runs = lineage.runs_using(customer_id, key=key)
+    # The log says that an erasure happened and what it removed; never whom (GDPR Art. 17 and
+    # 5(2): the record proves the request was carried out without keeping the id it erased).
+    _record(
+        home,
+        "customer.erased",
+        {
+            "rows_removed": rows_removed,
+            "consent_events_removed": removed,
+            "runs_that_used_the_customer": runs,
+        },
+    )
     return Erasure(config.unit, rows_removed, removed, runs)
+
+
+def _record(home: UnitHome, event: str, data: dict) -> None:
+    """A steward's action in the BU's own audit log, closed by a final signed checkpoint."""
+    log = home.audit_log()
+    log.append(event, data)
+    log.checkpoint(final=True)
 
 
 def _remove_rows(config: UnitConfig, home: UnitHome, customer_id: str) -> dict[str, int]:

@@ -6,8 +6,10 @@ Heavy modules (torch, Flower, Ray) are imported inside the commands so that `sil
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -978,7 +980,11 @@ def run(
     _print_summary(report, directory)
 
 
-audit_app = typer.Typer(help="Audit logs: verify what a run recorded.", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="Audit logs: verify a run's record, render it, check it against a BU's own log, and "
+    "export records of processing.",
+    no_args_is_help=True,
+)
 app.add_typer(audit_app, name="audit")
 
 
@@ -1001,11 +1007,20 @@ def audit_verify(
 
     if (run_dir / "keys" / "audit.key").exists():  # a BU home: checked with the BU's own key
         result, problems, public_key = verify_home(run_dir), [], "the BU's own key"
+    elif (run_dir / "deployment.toml").exists():  # a deployment: enrolments and key rotations
+        from privacy.audit import load_or_create_signing_key, verify
+
+        key = load_or_create_signing_key(run_dir / "coordinator" / "audit.key").public_key()
+        result, problems, public_key = (
+            verify(run_dir / "audit.jsonl", key),
+            [],
+            "the coordinator's key",
+        )
     else:
         result, problems = verify_run(run_dir, public_key)
     console.print(f"{run_dir / 'audit.jsonl'}: {result.message}", soft_wrap=True)
     for problem in problems:
-        console.print(f"artefact {problem}", soft_wrap=True)
+        console.print(problem, soft_wrap=True)
     if public_key is None:
         console.print(
             "(checked against the run's own audit.pub; pass --public-key to check "
@@ -1015,6 +1030,111 @@ def audit_verify(
         raise RunFailed(
             "the run's record does not verify: "
             + "; ".join([result.message] * (not result.ok) + problems)
+        )
+
+
+@audit_app.command("report")
+def audit_report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    pdf: Annotated[bool, typer.Option("--pdf", help="also write report.pdf")] = False,
+    public_key: Annotated[
+        str | None,
+        typer.Option(
+            help="the coordinator's audit public key (base64); default: the run's audit.pub"
+        ),
+    ] = None,
+) -> None:
+    """Render the run's compliance record from its verified audit log: audit-report.html, and
+    report.pdf with --pdf. Exit 1 (after writing) unless the log is intact and complete and no
+    artefact changed; the rendering says which."""
+    from privacy.atomic import write_atomic
+    from privacy.errors import RunFailed
+    from server.audit_trail import LOG_FILE, verify_run
+    from server.compliance import ComplianceRecord
+    from server.html import render_compliance_page
+    from server.pdf import render_pdf
+
+    result, problems = verify_run(run_dir, public_key)
+    if result.entries == 0:
+        raise RunFailed(f"{run_dir / LOG_FILE}: {result.message}; nothing verified to render")
+    record = ComplianceRecord.of_log(run_dir / LOG_FILE, result)
+    if problems:
+        record = dataclasses.replace(
+            record, message=f"{record.message}; but " + "; ".join(problems)
+        )
+    write_atomic(run_dir / "audit-report.html", render_compliance_page(record))
+    console.print(f"wrote {run_dir / 'audit-report.html'}")
+    if pdf:
+        render_pdf(record, run_dir / "report.pdf")
+        console.print(f"wrote {run_dir / 'report.pdf'}")
+    console.print(f"the audit log is {result.message}", soft_wrap=True)
+    if not result.ok or problems:
+        raise RunFailed(
+            "the run's record does not verify: "
+            + "; ".join([result.message] * (not result.ok) + problems)
+        )
+
+
+@audit_app.command("compare")
+def audit_compare(
+    run_dir: Annotated[Path, typer.Argument(help="the coordinator's run directory")],
+    bu_config: BuConfig,
+    home: HomeOption = None,
+) -> None:
+    """A BU checks the coordinator's report against its own audit log: what the report says the
+    BU released (purpose, customers, exclusions, columns, epsilon after every round) must be what
+    the BU's log says. Exit 1 on any difference."""
+    from clients.audit_check import compare_with_report
+    from privacy.errors import RunFailed
+
+    config, unit_home = _unit(bu_config, home)
+    comparison = compare_with_report(unit_home.directory, config.unit, run_dir)
+    console.print(
+        f"{config.unit}: own log {comparison.own_log.message}; {comparison.exchanges} "
+        f"exchange(s) of run {comparison.run_id} logged",
+        soft_wrap=True,
+    )
+    for mismatch in comparison.mismatches:
+        console.print(f"  differs: {mismatch}", soft_wrap=True, highlight=False)
+    if not comparison.agrees:
+        raise RunFailed(
+            f"the report of run {comparison.run_id} does not agree with {config.unit}'s own log"
+        )
+    console.print("the report agrees with the BU's own log")
+
+
+@audit_app.command("records")
+def audit_records(
+    unit: Annotated[str, typer.Option(help="the BU whose processing is exported")],
+    since: Annotated[
+        datetime, typer.Option(formats=["%Y-%m-%d"], help="first day of the period (UTC)")
+    ],
+    until: Annotated[
+        datetime | None,
+        typer.Option(formats=["%Y-%m-%d"], help="last day of the period (default: today)"),
+    ] = None,
+    runs: Annotated[Path, typer.Option(help="the coordinator's run directories")] = Path("runs"),
+    out: Annotated[Path, typer.Option(help="where to write the files")] = Path("."),
+    public_key: Annotated[
+        str | None,
+        typer.Option(help="the coordinator's audit public key (default: each run's audit.pub)"),
+    ] = None,
+) -> None:
+    """Records of processing (GDPR Art. 30(1)(a)-(g)) of one BU over a period, from the runs'
+    verified audit logs, as JSON and CSV, and a DPIA input pack as Markdown."""
+    from privacy.errors import RunFailed
+    from server.records import processing_records, write_records
+
+    records = processing_records(
+        runs, unit, since.date(), until.date() if until else None, public_key=public_key
+    )
+    for path in write_records(records, out):
+        console.print(f"wrote {path}")
+    console.print(f"{len(records.activities)} processing activit(y/ies) of {unit}")
+    if records.unverified:
+        raise RunFailed(
+            "runs left out because their audit record does not verify: "
+            + "; ".join(f"{u['run']}: {u['status']}" for u in records.unverified)
         )
 
 

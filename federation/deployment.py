@@ -42,6 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from privacy.atomic import write_atomic
+from privacy.audit import AuditLog, load_or_create_signing_key
 from privacy.errors import ConfigurationError
 from privacy.schema import SiloSchema
 
@@ -137,6 +138,18 @@ class DeploymentDirectory:
     runs = property(lambda self: self.root / "runs")
     app = property(lambda self: self.root / "app")
     status_file = property(lambda self: self.root / "state" / "coordinator.json")
+    audit_key = property(lambda self: self.root / "coordinator" / "audit.key")
+    audit_log_file = property(lambda self: self.root / "audit.jsonl")
+
+    def record(self, event: str, data: dict) -> None:
+        """An entry in the deployment's own audit log (`audit.jsonl`, signed with the
+        coordinator's audit key): enrolments and key rotations, each closed by a final signed
+        checkpoint. Runs keep their own logs in their run directories."""
+        log = AuditLog(
+            self.audit_log_file, actor="coordinator", key=load_or_create_signing_key(self.audit_key)
+        )
+        log.append(event, data)
+        log.checkpoint(final=True)
 
     def schema_file(self, unit: str) -> Path:
         return self.root / "units" / unit / "schema.toml"
@@ -427,6 +440,7 @@ def init_deployment(
     write_private(directory.server_key, server_key)
     write_public(directory.server_certificate, server_certificate)
     directory.save(deployment)
+    directory.record("deployment.created", {"name": name, "addresses": list(addresses)})
     return directory
 
 
@@ -457,6 +471,15 @@ def enrol(
     write_public(directory.public_key_file(schema.unit), public + "\n")
     directory.save(
         deployment.model_copy(update={"units": {**deployment.units, schema.unit: enrolment}})
+    )
+    directory.record(
+        "node.enrolled",
+        {
+            "unit": schema.unit,
+            "fingerprint": enrolment.fingerprint,
+            "purposes": sorted(schema.purposes),
+            "key_made_by": "coordinator (node bundle)" if public_key is None else "BU",
+        },
     )
     return enrolment
 
@@ -489,6 +512,15 @@ def rotate_node_key(
     )
     write_public(directory.public_key_file(unit), public + "\n")
     directory.save(deployment.model_copy(update={"units": {**deployment.units, unit: new}}))
+    directory.record(
+        "key.rotated",
+        {
+            "unit": unit,
+            "key": "node authentication key",
+            "old_fingerprint": old.fingerprint,
+            "new_fingerprint": new.fingerprint,
+        },
+    )
     return old, new
 
 

@@ -84,6 +84,8 @@ class UnitReport(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     unit: str
     purpose: str = ""
+    legal_basis: str = Field("", description="the purpose's legal basis, as the BU declared it")
+    jurisdictions: list[str] = Field(default_factory=list)
     encrypted_at_rest: bool = False
     quality: dict = Field(default_factory=dict, description="data-quality counts, never values")
     records_used: int = Field(ge=0)
@@ -115,6 +117,11 @@ class UnitReport(BaseModel):
         return {
             "unit": self.unit,
             "purpose": self.purpose,
+            "legal_basis": self.legal_basis,
+            "jurisdictions": list(self.jurisdictions),
+            "budget": self.budget,
+            "budget_unit": self.budget_unit,
+            "noise_multiplier": self.noise_multiplier,
             "records_used": self.records_used,
             "records_test": self.records_test,
             "excluded": dict(self.excluded),

@@ -34,7 +34,13 @@ from privacy.errors import ConfigurationError, SilofedError
 from privacy.samplers import SecureSource, SeededSource
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.artefacts import new_run_id, publish, staging_dir
-from server.audit_trail import PUBLIC_KEY_FILE, log_artefacts, log_outcome, open_run_log
+from server.audit_trail import (
+    PUBLIC_KEY_FILE,
+    log_artefacts,
+    log_outcome,
+    logged_record,
+    open_run_log,
+)
 from server.coordinator import PROGRESS, node_units
 from server.noise import AppliedUpdates, CentralGaussianNoise
 from server.report import build_report, build_results, render_html
@@ -107,16 +113,17 @@ def write_run_directory(record: RunRecord, parameters: list | None) -> None:
     if parameters is not None:
         write_atomic(out / "results.json", json.dumps(build_results(record, report), indent=2))
     write_atomic(out / "report.json", json.dumps(report, indent=2))
-    write_atomic(out / "report.html", render_html(report))
-    if record.audit is not None:
-        log_outcome(record.audit, record)
-        written = ["job.json", "model.pt", "metrics.jsonl", "results.json", "report.json"]
-        log_artefacts(
-            record.audit,
-            out,
-            [n for n in (*written, "report.html", PUBLIC_KEY_FILE) if (out / n).exists()],
-        )
-        record.audit.checkpoint(final=True)
+    if record.audit is None:
+        write_atomic(out / "report.html", render_html(report))
+        return
+    # The log records the outcome and every file so far; report.html is then rendered with the
+    # compliance record read back from the log, logged in turn, and the final checkpoint closes it.
+    log_outcome(record.audit, record)
+    written = ["job.json", "model.pt", "metrics.jsonl", "results.json", "report.json"]
+    log_artefacts(record.audit, out, [n for n in (*written, PUBLIC_KEY_FILE) if (out / n).exists()])
+    write_atomic(out / "report.html", render_html(report, logged_record(record.audit)))
+    log_artefacts(record.audit, out, ["report.html"])
+    record.audit.checkpoint(final=True)
 
 
 def plan_from_run_config(context: Context) -> RunPlan:
@@ -178,7 +185,7 @@ def deployment_plan(config) -> RunPlan:
         connect_timeout=deployment.timeouts.connect,
         round_timeout=deployment.timeouts.round,
         node_units=node_units(directory),
-        audit_key=directory.root / "coordinator" / "audit.key",
+        audit_key=directory.audit_key,
         on_round=_log_round,
     )
 

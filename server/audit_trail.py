@@ -12,6 +12,7 @@ half is written beside the log (`audit.pub`) and into `report.json`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from privacy.audit import (
     verify,
 )
 from privacy.errors import ConfigurationError
+from server.compliance import ComplianceRecord, report_mismatches
 from server.run import RunPlan, RunRecord
 
 LOG_FILE = "audit.jsonl"
@@ -84,25 +86,37 @@ def log_artefacts(log: AuditLog, out: Path, names: list[str]) -> None:
         )
 
 
+def logged_record(log: AuditLog) -> ComplianceRecord:
+    """The compliance record of the log as written so far (read back and verified first)."""
+    return ComplianceRecord.of_log(log.path, verify(log.path, log.key.public_key()))
+
+
+def run_public_key(run_dir: Path, public_key: str | None = None) -> str:
+    """`public_key` if given, else the run's own `audit.pub`."""
+    if public_key is not None:
+        return public_key
+    key_file = run_dir / PUBLIC_KEY_FILE
+    if not key_file.exists():
+        raise ConfigurationError(
+            f"{run_dir}: no {PUBLIC_KEY_FILE}; pass the coordinator's audit key with --public-key"
+        )
+    return key_file.read_text(encoding="utf-8").strip()
+
+
 def verify_run(run_dir: Path, public_key: str | None = None) -> tuple[Verification, list[str]]:
     """Verify a run directory's audit log against `public_key` (default: the run's `audit.pub`,
-    which proves integrity only as far as that file is trusted), then every artefact the log
-    lists against its SHA-256. Returns the log's verification and the artefact problems."""
+    which proves integrity only as far as that file is trusted), every artefact the log lists
+    against its SHA-256, and `report.json` against the log. Returns the log's verification and
+    the problems found with the artefacts and the report."""
     log_file = run_dir / LOG_FILE
     if not log_file.exists():
         raise ConfigurationError(
             f"{run_dir}: no {LOG_FILE}; give a run directory written by silofed"
         )
-    if public_key is None:
-        key_file = run_dir / PUBLIC_KEY_FILE
-        if not key_file.exists():
-            raise ConfigurationError(
-                f"{run_dir}: no {PUBLIC_KEY_FILE}; pass the coordinator's audit key with --public-key"
-            )
-        public_key = key_file.read_text(encoding="utf-8").strip()
-    result = verify(log_file, load_public_key(public_key))
+    result = verify(log_file, load_public_key(run_public_key(run_dir, public_key)))
     problems = []
-    for entry in read_entries(log_file, result.entries):
+    entries = read_entries(log_file, result.entries)
+    for entry in entries:
         if entry["event"] != "artefact.written":
             continue
         name, expected = entry["data"]["name"], entry["data"]["sha256"]
@@ -114,4 +128,16 @@ def verify_run(run_dir: Path, public_key: str | None = None) -> tuple[Verificati
                 f"{name}: changed after the run (its SHA-256 is not the one logged at "
                 f"sequence {entry['seq']})"
             )
+    report_file = run_dir / "report.json"
+    if report_file.exists() and any(e["event"] == "job.accepted" for e in entries):
+        try:
+            report = json.loads(report_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            problems.append(f"report.json: not JSON ({err})")
+        else:
+            record = ComplianceRecord.from_entries(entries, result)
+            problems += [
+                f"report.json disagrees with the log: {p}"
+                for p in report_mismatches(report, record)
+            ]
     return result, problems

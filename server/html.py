@@ -37,12 +37,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from federation.evaluation import INTERVAL_LEVEL
+from server.compliance import Bullets, ComplianceRecord, Paragraph, Section, Table, sections
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-_CHART_STYLE = {
+CHART_STYLE = {
     "svg.fonttype": "none",  # text stays text: small, selectable, drawn by the reader's fonts
     "svg.hashsalt": "silofed-report",  # ids from content alone: one report, one page, byte for byte
     "font.family": "sans-serif",
@@ -63,11 +64,62 @@ _SERIES_AS_BARS = 8  # a table's last dimension up to this size becomes grouped 
 _LABEL_CHARS = 32  # chart labels are cut to this many characters (tables keep them whole)
 
 
-def render_html(report: dict) -> str:
+def render_html(report: dict, compliance: ComplianceRecord | None = None) -> str:
+    """The run's page; with `compliance`, the record rendered from the run's audit log follows."""
     kind = report["job"].get("kind", "model")
     body = {"model": _model_part, "query": _query_part, "segments": _segments_part}[kind](report)
+    record = ""
+    if compliance is not None:
+        record = (
+            '<h1>Compliance record</h1><p class="note">Rendered from the run\'s audit log '
+            f"(<code>audit.jsonl</code>, entries 0 to {compliance.entries - 1}), not from "
+            "report.json.</p>" + _sections(sections(compliance))
+        )
+    return _page(
+        f"silofed run {report['run_id']}",
+        f"""<h1>silofed run <code>{_e(report["run_id"])}</code></h1>
+{_overview(report)}
+{body}
+{_privacy_part(report)}
+{record}""",
+    )
+
+
+def render_compliance_page(record: ComplianceRecord) -> str:
+    """A page of its own for the compliance record (`silofed audit report`)."""
+    return _page(
+        f"silofed compliance record {record.run_id}",
+        f"<h1>Compliance record of run <code>{_e(record.run_id)}</code></h1>"
+        + _sections(sections(record)),
+    )
+
+
+def _sections(parts: Sequence[Section]) -> str:
+    out = []
+    for section in parts:
+        out.append(f"<h2>{_e(section.title)}</h2>")
+        for block in section.blocks:
+            if isinstance(block, Paragraph):
+                out.append(f"<p>{_code(block.text)}</p>")
+            elif isinstance(block, Bullets):
+                out.append("<ul>" + "".join(f"<li>{_code(i)}</li>" for i in block.items) + "</ul>")
+            elif isinstance(block, Table):
+                out.append(_table(block.header, block.rows, numeric=block.numeric))
+            else:
+                out.append(
+                    f'<div class="charts">{_chart(block.caption, block.size, block.draw)}</div>'
+                )
+    return "\n".join(out)
+
+
+def _code(text: str) -> str:
+    """Escaped text with `backquoted` spans as code."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", _e(text))
+
+
+def _page(title: str, body: str) -> str:
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>silofed run {_e(report["run_id"])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
 <style>
 body{{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;font-size:.85em;margin:.5em 0}}
@@ -78,10 +130,7 @@ th{{background:#f3f3f3}}td.n{{text-align:right;font-variant-numeric:tabular-nums
 figure svg{{max-width:100%;height:auto}}figcaption{{font-size:.85em;color:#555}}
 .warn{{background:#fff4e5;border-left:4px solid #e69500;padding:.5em .8em}}
 </style></head><body>
-<h1>silofed run <code>{_e(report["run_id"])}</code></h1>
-{_overview(report)}
 {body}
-{_privacy_part(report)}
 </body></html>
 """
 
@@ -887,7 +936,7 @@ def _chart(caption: str, size: tuple[float, float], draw: Callable[[Figure], Non
     import matplotlib
     from matplotlib.figure import Figure
 
-    with matplotlib.rc_context(_CHART_STYLE):
+    with matplotlib.rc_context(CHART_STYLE):
         fig = Figure(figsize=size, layout="constrained")
         draw(fig)
         buffer = io.StringIO()

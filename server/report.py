@@ -27,6 +27,8 @@ def build_report(record: RunRecord) -> dict:
         {
             "unit": r.unit,
             "purpose": r.purpose,
+            "legal_basis": r.legal_basis,
+            "jurisdictions": list(r.jurisdictions),
             "epsilon": r.epsilon,
             "epsilon_total": r.epsilon_total,
             "epsilon_unit_total": r.epsilon_unit_total,

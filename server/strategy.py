@@ -87,14 +87,21 @@ class FederatedRounds(Strategy):
         config = self._instruction(server_round)
         self._current = parameters_to_ndarrays(parameters)
         if self.phase is Phase.TRAIN:
-            pairs = self.inner.configure_fit(server_round, parameters, client_manager)
-            return [
-                (proxy, FitIns(ins.parameters, {**ins.config, **config})) for proxy, ins in pairs
+            pairs = [
+                (proxy, FitIns(ins.parameters, {**ins.config, **config}))
+                for proxy, ins in self.inner.configure_fit(server_round, parameters, client_manager)
             ]
-        # every BU is asked; one that refused the job refuses again and is kept apart below
-        expected = self._plan.expected_units
-        proxies = client_manager.sample(num_clients=expected, min_num_clients=expected)
-        return [(proxy, FitIns(parameters, config)) for proxy in proxies]
+        else:
+            # every BU is asked; one that refused the job refuses again and is kept apart below
+            expected = self._plan.expected_units
+            proxies = client_manager.sample(num_clients=expected, min_num_clients=expected)
+            pairs = [(proxy, FitIns(parameters, config)) for proxy in proxies]
+        if self.record.audit is not None:
+            self.record.audit.append(
+                "exchange.started",
+                {"round": server_round, "phase": str(self.phase), "units_asked": len(pairs)},
+            )
+        return pairs
 
     def aggregate_fit(
         self,
@@ -137,6 +144,26 @@ class FederatedRounds(Strategy):
                 + "; ".join(f"{u}: {r}" for u, r in sorted(self.record.refused.items()))
             )
         job = self._plan.job
+        if self.record.audit is not None:
+            self.record.audit.append(
+                "exchange.aggregated",
+                {
+                    "round": server_round,
+                    "phase": str(self.phase),
+                    "units": sorted(
+                        unit_of(r.metrics)
+                        for _, r in answered
+                        if UNIT_KEY in r.metrics or UnitReport.KEY in r.metrics
+                    ),
+                    "refused": sorted(self.record.refused),
+                    "dropped": sorted(
+                        d["unit"] or "unidentified"
+                        for d in self.record.dropouts
+                        if d["round"] == server_round
+                    ),
+                    "secure_aggregation": job.secure_aggregation.enabled,
+                },
+            )
         last_of_round = self.phase is phases(job, server_round)[-1]
         if self.phase is Phase.TRAIN:
             self.record.record_training([UnitReport.from_metrics(r.metrics) for _, r in answered])

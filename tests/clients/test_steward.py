@@ -31,6 +31,7 @@ from federation.features import resolve_feature_spec
 from federation.job import Job
 from federation.models import initial_parameters
 from federation.wire import DroppedColumn, Instruction, Phase, UnitReport, refusal_of
+from privacy.audit import verify_home
 from privacy.encryption import DecryptionError, KeyRing
 from privacy.home import UnitHome
 from privacy.pseudonyms import pseudonymise
@@ -132,6 +133,17 @@ def test_encryption_at_rest_and_key_rotation_keep_the_silo_readable(unit, tmp_pa
     shutil.copytree(home.keys_directory / "kek", retired_copy)
     new_kid = rotate_silo_key(config, home)
     assert new_kid != old.active_kid and old.active_kid not in home.keyring().kids
+    rotation = [
+        json.loads(line) for line in (home.directory / "audit.jsonl").read_text().splitlines()
+    ][-2]
+    assert rotation["event"] == "key.rotated"
+    assert rotation["data"] == {
+        "key": "silo key-encryption key",
+        "old": old.active_kid,
+        "new": new_kid,
+        "files": 2,
+    }
+    assert verify_home(home.directory).ok
     after = load_silo(config, keyring=home.keyring()).tables
     for name, frame in before.items():
         pd.testing.assert_frame_equal(
@@ -212,6 +224,13 @@ def test_erase_and_access_commands(unit, tmp_path) -> None:
     )
     assert erased.returncode == 0, erased.stderr
     assert json.loads(erased.stdout)["rows_removed"]["customers"] == 1
+    # the erasure is in the BU's own audit log, closed by a signed checkpoint, without the id
+    log = (home.directory / "audit.jsonl").read_text()
+    entries = [json.loads(line) for line in log.splitlines()]
+    assert [e["event"] for e in entries[-2:]] == ["customer.erased", "checkpoint"]
+    assert entries[-2]["data"]["rows_removed"]["customers"] == 1
+    assert entries[-2]["actor"] == "bu:retail_stores" and customer not in log
+    assert verify_home(home.directory).ok
     assert (
         json.loads(
             _silofed(

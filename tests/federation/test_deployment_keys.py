@@ -25,6 +25,7 @@ from federation.deployment import (
     rotate_node_key,
 )
 from federation.job import Job
+from privacy.audit import load_or_create_signing_key, read_entries, verify
 from privacy.errors import ConfigurationError
 from privacy.unit_config import UnitConfig
 from server.submit import run_deadline, write_app
@@ -161,6 +162,24 @@ def test_rotation_replaces_the_key_and_names_unknown_units(
     assert directory.public_key_file("ecommerce").read_text().split()[:2] == new.public_key.split()
     with pytest.raises(ConfigurationError, match="'nobody' is not enrolled"):
         rotate_node_key(directory, "nobody")
+    # the deployment's own audit log records the enrolment and the rotation, by fingerprint
+    key = load_or_create_signing_key(directory.audit_key).public_key()
+    result = verify(directory.audit_log_file, key)
+    assert result.ok
+    entries = read_entries(directory.audit_log_file, result.entries)
+    logged = [(e["event"], e["data"]) for e in entries if e["event"] != "checkpoint"]
+    assert [event for event, _ in logged] == [
+        "log.opened",
+        "deployment.created",
+        "node.enrolled",
+        "key.rotated",
+    ]
+    assert logged[-1][1] == {
+        "unit": "ecommerce",
+        "key": "node authentication key",
+        "old_fingerprint": old.fingerprint,
+        "new_fingerprint": new.fingerprint,
+    }
 
 
 def test_a_broken_deployment_file_is_named(directory: DeploymentDirectory) -> None:
