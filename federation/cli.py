@@ -1049,12 +1049,10 @@ def audit_report(
     artefact changed; the rendering says which."""
     from privacy.atomic import write_atomic
     from privacy.errors import RunFailed
-    from server.audit_trail import LOG_FILE, verify_run
+    from server.audit_trail import LOG_FILE, render_record, verify_run
     from server.compliance import ComplianceRecord
-    from server.html import render_compliance_page
-    from server.pdf import render_pdf
 
-    result, problems = verify_run(run_dir, public_key)
+    result, problems = verify_run(run_dir, public_key, renderings=False)  # rendered anew below
     if result.entries == 0:
         raise RunFailed(f"{run_dir / LOG_FILE}: {result.message}; nothing verified to render")
     record = ComplianceRecord.of_log(run_dir / LOG_FILE, result)
@@ -1062,11 +1060,9 @@ def audit_report(
         record = dataclasses.replace(
             record, message=f"{record.message}; but " + "; ".join(problems)
         )
-    write_atomic(run_dir / "audit-report.html", render_compliance_page(record))
-    console.print(f"wrote {run_dir / 'audit-report.html'}")
-    if pdf:
-        render_pdf(record, run_dir / "report.pdf")
-        console.print(f"wrote {run_dir / 'report.pdf'}")
+    for name in ("audit-report.html", *(["report.pdf"] if pdf else [])):
+        write_atomic(run_dir / name, render_record(record, name))
+        console.print(f"wrote {run_dir / name}")
     console.print(f"the audit log is {result.message}", soft_wrap=True)
     if not result.ok or problems:
         raise RunFailed(

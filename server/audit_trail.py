@@ -103,7 +103,9 @@ def run_public_key(run_dir: Path, public_key: str | None = None) -> str:
     return key_file.read_text(encoding="utf-8").strip()
 
 
-def verify_run(run_dir: Path, public_key: str | None = None) -> tuple[Verification, list[str]]:
+def verify_run(
+    run_dir: Path, public_key: str | None = None, *, renderings: bool = True
+) -> tuple[Verification, list[str]]:
     """Verify a run directory's audit log against `public_key` (default: the run's `audit.pub`,
     which proves integrity only as far as that file is trusted), every artefact the log lists
     against its SHA-256, and `report.json` against the log. Returns the log's verification and
@@ -140,4 +142,30 @@ def verify_run(run_dir: Path, public_key: str | None = None) -> tuple[Verificati
                 f"report.json disagrees with the log: {p}"
                 for p in report_mismatches(report, record)
             ]
+    if renderings and result.ok and not problems:
+        problems += _renderings(run_dir, ComplianceRecord.from_entries(entries, result))
     return result, problems
+
+
+RENDERINGS = ("audit-report.html", "report.pdf")  # written by `silofed audit report`
+
+
+def render_record(record: ComplianceRecord, name: str) -> bytes:
+    from server.html import render_compliance_page
+    from server.pdf import pdf_bytes
+
+    if name == "report.pdf":
+        return pdf_bytes(record)
+    return render_compliance_page(record).encode("utf-8")
+
+
+def _renderings(run_dir: Path, record: ComplianceRecord) -> list[str]:
+    """The closed record's renderings are not in the log (they come after it), but they are
+    reproducible: each one present must be what the verified log renders to, byte for byte."""
+    return [
+        f"{name}: not what the verified audit log renders to (edited after it was rendered, or "
+        "rendered by another silofed version); render it again with `silofed audit report`"
+        for name in RENDERINGS
+        if (run_dir / name).exists()
+        and (run_dir / name).read_bytes() != render_record(record, name)
+    ]

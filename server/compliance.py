@@ -9,7 +9,7 @@ two, so that a report that says something the log does not is caught by `silofed
 
 The record is rendered into `report.html` (as the run ends: the log is then intact but not yet
 closed), and by `silofed audit report` into a page and a PDF of its own from the closed, verified
-log (`server.html.render_compliance_page`, `server.pdf.render_pdf`).
+log (`server.html.render_compliance_page`, `server.pdf.pdf_bytes`).
 """
 
 from __future__ import annotations

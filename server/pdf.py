@@ -10,18 +10,11 @@ embedded as PNG. The file is reproducible: the same record gives the same bytes.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
-from privacy.atomic import write_atomic
 from server.compliance import Bullets, Chart, ComplianceRecord, Paragraph, Table, sections
 
 _FONT, _BOLD = "DejaVuSans", "DejaVuSans-Bold"
 _DPI = 150
-
-
-def render_pdf(record: ComplianceRecord, path: Path) -> None:
-    """Write the record's PDF to `path` (atomically)."""
-    write_atomic(path, pdf_bytes(record))
 
 
 def pdf_bytes(record: ComplianceRecord) -> bytes:

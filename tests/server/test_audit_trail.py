@@ -350,3 +350,23 @@ def test_records_of_processing(run, tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigurationError, match="before --since"):
         processing_records(runs, unit, date(2026, 2, 1), date(2026, 1, 1))
+
+
+def test_any_edit_to_any_file_of_the_run_directory_fails_verification(run, tmp_path: Path) -> None:
+    """The artefacts are in the log; the log and its head are chained and signed; audit.pub
+    must verify the signatures; the closed record's renderings must re-render byte for byte."""
+    rendered = _copy(run[0], tmp_path)
+    assert CliRunner().invoke(app, ["audit", "report", str(rendered), "--pdf"]).exit_code == 0
+    result, problems = verify_run(rendered)
+    assert result.ok and problems == []
+    names = sorted(p.name for p in rendered.iterdir())
+    assert {"audit-report.html", "report.pdf", "audit.pub", LOG_FILE + ".head"} <= set(names)
+    for name in names:
+        edited = tmp_path / f"edited-{name}"
+        shutil.copytree(rendered, edited)
+        data = bytearray((edited / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (edited / name).write_bytes(bytes(data))
+        result, problems = verify_run(edited)
+        assert not result.ok or problems, name
+        assert CliRunner().invoke(app, ["audit", "verify", str(edited)]).exit_code == 1, name
