@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -184,3 +185,15 @@ def test_the_laplace_rdp_curve_is_mironovs_and_tends_to_pure_epsilon() -> None:
     curve = laplace_rdp(eps, [1.5, 2, 4, 16, 64, 1e6])
     assert all(a <= b for a, b in itertools.pairwise(curve))  # non-decreasing in the order
     assert curve[-1] == pytest.approx(eps, rel=1e-4) and (curve <= eps + 1e-12).all()
+
+
+def test_the_memoised_step_curve_is_opacus_compute_rdp_bit_for_bit() -> None:
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from privacy.accounting import ORDERS, _step_curve
+
+    for q, sigma, steps in [(0.1, 1.3, 45), (1 / 37, 0.87, 370), (1.0, 5.0, 3), (0.004, 0.6, 1)]:
+        expected = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=ORDERS)
+        assert np.array_equal(_step_curve(q, sigma) * steps, expected)
+    with pytest.raises(ValueError):
+        _step_curve(0.1, 1.3)[0] = 0.0  # the cached curve cannot be changed by a caller
