@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.silofed-installed
 export FLWR_TELEMETRY_ENABLED ?= 0
 
-.PHONY: demo test test-all lint clean
+.PHONY: demo test test-all bench bench-quick lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "silofed needs Python >= 3.11 (flwr 1.41 and pandas 3 do); set PYTHON=python3.11")'
@@ -24,6 +24,13 @@ test: $(STAMP) lint
 
 test-all: $(STAMP) lint
 	$(BIN)/python -m pytest -q -m ""
+
+# Benchmarks on real data and against baselines; regenerate docs/benchmarks.md and .json.
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

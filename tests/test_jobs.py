@@ -27,7 +27,7 @@ from privacy.errors import ConfigurationError
 from privacy.home import UnitHome
 from privacy.unit_config import UnitConfig
 from simulations.synthetic import synthesize
-from tests.inprocess import run_in_process
+from simulations.inprocess import run_in_process
 from tests.report_contract import assert_report_contract
 
 

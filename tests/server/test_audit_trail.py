@@ -26,7 +26,7 @@ from server.audit_trail import LOG_FILE, verify_run
 from server.compliance import ComplianceRecord, report_mismatches
 from server.records import processing_records
 from simulations.synthetic import synthesize
-from tests.inprocess import run_in_process
+from simulations.inprocess import run_in_process
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """A federation driven in process: the real BU clients and the real coordinator strategy, the
-rounds and exchanges of `federation.exchanges`, and no Flower transport or Ray. Tests use it to run
-whole jobs (queries, k-means, DP evaluation) in seconds; the Flower path itself is covered by the
-few end-to-end simulations."""
+rounds and exchanges of `federation.exchanges`, and no Flower transport or Ray. The tests run whole
+jobs (queries, k-means, DP evaluation) with it in seconds, and the benchmarks (`bench/`) measure
+utility with it: the clients and the strategy are the ones a Flower simulation runs; only the
+transport is left out. The Flower path itself is covered by a few end-to-end simulations."""
 
 from __future__ import annotations
 
