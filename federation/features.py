@@ -178,6 +178,7 @@ class FutureSpend(BaseModel):
 
 
 _WINDOWED = (Recency, Frequency, Monetary, ChannelMix)
+SCALAR = (Numeric, Recency, Frequency, Monetary, Tenure)  # one scaled value each
 
 
 class FeatureSpec(BaseModel):
@@ -193,6 +194,11 @@ class FeatureSpec(BaseModel):
     label: str | None = None  # None: unsupervised (segmentation)
     target: FutureSpend | None = None
     features: tuple[Feature, ...]
+    ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="scalar output -> (low, high) within [0, 1], from DP statistics "
+        "(federation.ranges): the scaled value is clipped to it and rescaled to [0, 1]",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> FeatureSpec:
@@ -207,7 +213,22 @@ class FeatureSpec(BaseModel):
             raise ValueError("features over time need an 'observation_date'")
         if self.target is not None and self.label != self.target.amount:
             raise ValueError(f"'label' must name the target's amount column '{self.target.amount}'")
+        for name, (low, high) in self.ranges.items():
+            if name not in self.scalar_outputs:
+                raise ValueError(
+                    f"ranges: '{name}' is not a scalar feature of this spec "
+                    f"({', '.join(self.scalar_outputs) or 'none'})"
+                )
+            if not 0.0 <= low < high <= 1.0:
+                raise ValueError(
+                    f"ranges: '{name}' needs 0 <= low < high <= 1, not ({low}, {high})"
+                )
         return self
+
+    @property
+    def scalar_outputs(self) -> tuple[str, ...]:
+        """The outputs that are one scaled value each (not one-hot encodings or shares)."""
+        return tuple(f.name for f in self.features if isinstance(f, SCALAR))
 
     @property
     def output_names(self) -> tuple[str, ...]:
