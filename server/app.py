@@ -46,7 +46,7 @@ from server.noise import AppliedUpdates, CentralGaussianNoise
 from server.report import build_report, build_results, render_html
 from server.run import RunPlan, RunRecord
 from server.secure_aggregation import secure_workflows
-from server.strategy import FederatedRounds
+from server.strategy import FederatedRounds, no_fit_metrics
 from server.workflow import DeadlineGrid, RoundsWorkflow
 
 
@@ -55,7 +55,11 @@ def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
     record.audit = open_run_log(plan)
     units = plan.expected_units
     inner = FedAvg(
-        fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=units, min_available_clients=units
+        fraction_fit=1.0,
+        fraction_evaluate=0.0,
+        min_fit_clients=units,
+        min_available_clients=units,
+        fit_metrics_aggregation_fn=no_fit_metrics,
     )
     job = plan.job
     if job.noise is NoisePlacement.DISTRIBUTED:

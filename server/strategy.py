@@ -40,6 +40,13 @@ from privacy.samplers import SecureSource, SeededSource
 from server.run import RunRecord
 
 
+def no_fit_metrics(_metrics: list) -> dict:
+    """The inner strategy's aggregation of reply metrics: none. `FederatedRounds` reads every
+    BU's report from the replies itself; this only tells Flower's FedAvg that nothing is lost
+    (without it, it warns in every round)."""
+    return {}
+
+
 class FederatedRounds(Strategy):
     def __init__(self, inner: Strategy, record: RunRecord) -> None:
         self.inner = inner

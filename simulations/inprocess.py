@@ -24,7 +24,7 @@ from privacy.unit_config import UnitConfig
 from server.app import write_run_directory
 from server.audit_trail import open_run_log
 from server.run import RunPlan, RunRecord
-from server.strategy import FederatedRounds
+from server.strategy import FederatedRounds, no_fit_metrics
 
 
 class _Proxy(ClientProxy):
@@ -81,6 +81,7 @@ def run_in_process(
             fraction_evaluate=0.0,
             min_fit_clients=units,
             min_available_clients=units,
+            fit_metrics_aggregation_fn=no_fit_metrics,
         ),
         record,
     )
