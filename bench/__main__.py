@@ -49,12 +49,14 @@ def main(
             f"[red]unknown benchmark(s) {', '.join(unknown)}[/red]; known: {', '.join(benchmarks)}"
         )
         raise typer.Exit(2)
-    results = load()
     for name in chosen:
         console.print(f"[bold]{name}[/bold]: {benchmarks[name].title}{' (quick)' if quick else ''}")
         entry = run_benchmark(benchmarks[name], quick=quick)
+        # saved after each benchmark, so that a later failure keeps the earlier ones; the file is
+        # read again just before, so that a benchmark run elsewhere meanwhile is kept too
+        results = load()
         results["benchmarks"][name] = entry
-        save(results, benchmarks)  # after each benchmark: a later failure keeps the earlier ones
+        save(results, benchmarks)
         console.print(f"  done in {entry['seconds']} s")
 
 

@@ -26,8 +26,8 @@ from privacy.accounting import dp_sgd_epsilon, partitioned_epsilon
 from privacy.errors import ConfigurationError
 from privacy.home import UnitHome
 from privacy.unit_config import UnitConfig
-from simulations.synthetic import synthesize
 from simulations.inprocess import run_in_process
+from simulations.synthetic import synthesize
 from tests.report_contract import assert_report_contract
 
 

@@ -34,9 +34,9 @@ from federation.job import Job
 from privacy.errors import ConfigurationError, SiloError
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.report import build_report
+from simulations.inprocess import InProcessRun, run_in_process
 from simulations.sql import ROW_ORDER, to_database, to_sqlite
 from simulations.synthetic import synthesize
-from simulations.inprocess import InProcessRun, run_in_process
 from tests.postgres import another_database, postgres_server
 
 SEED = 3

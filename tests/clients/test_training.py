@@ -210,3 +210,68 @@ def test_zero_gradients_through_local_dp_sgd_carry_exactly_the_configured_noise(
     expected = sigma * clip / batch
     assert abs(weights.std() / expected - 1) < 0.03
     assert abs(weights.mean()) < 5 * expected / np.sqrt(dim)
+
+
+def _counting_silo_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Counts the silo loads of `clients.app` (each one the start of a full preparation)."""
+    import clients.app
+
+    loads: list[str] = []
+    real = clients.app.load_silo
+
+    def counted(config, **kwargs):
+        loads.append(config.unit)
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(clients.app, "load_silo", counted)
+    return loads
+
+
+def test_a_unit_prepares_its_silo_once_for_the_rounds_of_a_job(
+    small_silos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads = _counting_silo_loads(monkeypatch)
+    job = Job(rounds=3, features=resolve_feature_spec("churn", [unit_schema("x")]))
+    node = _node(small_silos, tmp_path)
+    params = initial_parameters(job.task, job.feature_spec.dim)
+    reports = []
+    for server_round in (1, 2, 3):
+        params, _n, metrics = BusinessUnitClient(node).fit(
+            params, _instruction(Phase.TRAIN, server_round, job)
+        )
+        reports.append(UnitReport.from_metrics(metrics))
+    assert loads == ["ecommerce"]
+    assert len({(r.records_used, r.records_test, str(r.excluded)) for r in reports}) == 1
+    with UnitHome(node.home, UnitConfig.load(node.bu_config)).lineage() as lineage:
+        assert lineage.runs() == ["run-1"]
+
+
+def test_a_revocation_imported_between_rounds_reaches_the_next_round_of_a_unit(
+    small_silos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pandas as pd
+
+    loads = _counting_silo_loads(monkeypatch)
+    job = Job(rounds=2, features=resolve_feature_spec("churn", [unit_schema("x")]))
+    node = _node(small_silos, tmp_path)
+    params = initial_parameters(job.task, job.feature_spec.dim)
+    params, _n, metrics = BusinessUnitClient(node).fit(params, _instruction(Phase.TRAIN, 1, job))
+    first = UnitReport.from_metrics(metrics)
+    unit = UnitConfig.load(node.bu_config)
+    home = UnitHome(node.home, unit)
+    with home.registry() as registry:
+        granted = registry.events("churn_model").query("granted")["customer_id"]
+        revocation = pd.DataFrame(
+            {
+                "customer_id": [granted.iloc[0]],
+                "purpose": ["churn_model"],
+                "granted": [False],
+                "timestamp": [pd.Timestamp("2026-06-01 10:00")],  # after the job's start
+            }
+        )
+        registry.import_events(revocation, source="test", tombstone_key=home.pseudonym_key())
+    _params, _n, metrics = BusinessUnitClient(node).fit(params, _instruction(Phase.TRAIN, 2, job))
+    second = UnitReport.from_metrics(metrics)
+    assert loads == ["ecommerce", "ecommerce"]  # the registry changed: prepared anew
+    assert second.excluded["revoked"] == first.excluded["revoked"] + 1
+    assert second.records_used + second.records_test == first.records_used + first.records_test - 1

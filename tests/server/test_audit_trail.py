@@ -25,8 +25,8 @@ from privacy.errors import ConfigurationError
 from server.audit_trail import LOG_FILE, verify_run
 from server.compliance import ComplianceRecord, report_mismatches
 from server.records import processing_records
-from simulations.synthetic import synthesize
 from simulations.inprocess import run_in_process
+from simulations.synthetic import synthesize
 
 
 @pytest.fixture(scope="module")
