@@ -284,21 +284,8 @@ def test_records_of_processing(run, tmp_path: Path) -> None:
     unit = report["federation"]["units"][1]
     today = datetime.now(UTC).date().isoformat()
     out = tmp_path / "records"
-    cli = CliRunner().invoke(
-        app,
-        [
-            "audit",
-            "records",
-            "--unit",
-            unit,
-            "--since",
-            today,
-            "--runs",
-            str(runs),
-            "--out",
-            str(out),
-        ],
-    )
+    args = ["audit", "records", "--unit", unit, "--since", today, "--runs", str(runs)]
+    cli = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert cli.exit_code == 0, cli.output
     stem = f"{unit}-{today}-{today}"
     records = json.loads((out / f"records-{stem}.json").read_text())
@@ -329,21 +316,7 @@ def test_records_of_processing(run, tmp_path: Path) -> None:
     # a period without the run: no activity; a tampered run is left out and named
     assert processing_records(runs, unit, date(2020, 1, 1), date(2020, 12, 31)).activities == []
     (runs / "r1" / "report.json").write_text("{}")
-    cli = CliRunner().invoke(
-        app,
-        [
-            "audit",
-            "records",
-            "--unit",
-            unit,
-            "--since",
-            today,
-            "--runs",
-            str(runs),
-            "--out",
-            str(out),
-        ],
-    )
+    cli = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert cli.exit_code == 1
     assert str(cli.exception).startswith(
         "runs left out because their audit record does not verify: r1: report.json: changed"
