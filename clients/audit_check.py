@@ -1,9 +1,10 @@
 """A BU checks a coordinator's report against its own audit log (`silofed audit compare`).
 
 The coordinator's report says what each BU released; the BU's own log, written by the BU's node
-and signed with the BU's key, says what it released. They must agree: the purpose, the customers
-used and held out, the exclusions by reason, the columns used and dropped, the number of releases,
-and the epsilon, both after every round and for the whole run. Any difference is a finding: a
+and signed with the BU's key, says what it released. They must agree on every field of
+`federation.wire.AUDITED_FIELDS` (purpose and legal basis, customers used and held out,
+exclusions by reason, columns used and dropped, releases, encryption at rest, epsilon for the run,
+the purpose and the BU) and on the epsilon after every round. Any difference is a finding: a
 report that credits a BU with less epsilon than it spent, or with data it never released, is
 caught by the BU itself, without trusting the coordinator.
 """
@@ -16,20 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from federation.wire import AUDITED_FIELDS
 from privacy.audit import Verification, read_entries, verify_home
 from privacy.errors import ConfigurationError
-
-# What a BU's `exchange.answered` entry and the report's `privacy.per_unit` entry both state.
-COMPARED = (
-    "purpose",
-    "records_used",
-    "records_test",
-    "excluded",
-    "columns_used",
-    "columns_dropped",
-    "releases",
-    "epsilon",
-)
 
 
 @dataclass(frozen=True)
@@ -84,7 +74,7 @@ def compare_with_report(home: Path, unit: str, run_dir: Path) -> Comparison:
         mismatches.append("the BU released results in this run; the report does not list it")
         return Comparison(unit, run_id, own, len(ours), mismatches)
     last = released[-1]
-    for key in COMPARED:
+    for key in AUDITED_FIELDS:
         if not _same(stated.get(key), last.get(key)):
             mismatches.append(
                 f"{key}: the report says {stated.get(key)!r}, the BU's log {last.get(key)!r}"

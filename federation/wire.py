@@ -77,6 +77,24 @@ class DroppedColumn(BaseModel):
     reason: str
 
 
+# The fields of a BU's audit summary (`UnitReport.audit_summary`) that a run's report states too
+# (`privacy.per_unit[]`): the BU's own log, the coordinator's log and the report agree on each.
+AUDITED_FIELDS = (
+    "purpose",
+    "legal_basis",
+    "epsilon",
+    "epsilon_total",
+    "epsilon_unit_total",
+    "records_used",
+    "records_test",
+    "excluded",
+    "columns_used",
+    "columns_dropped",
+    "releases",
+    "encrypted_at_rest",
+)
+
+
 class UnitReport(BaseModel):
     """What a BU tells the coordinator about a training round besides its parameters. Every field is
     either DP-accounted (epsilon) or metadata listed as disclosed in the run's report."""

@@ -20,11 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from federation.wire import AUDITED_FIELDS
 from privacy.audit import Status, Verification, read_entries
 from privacy.minimisation import DropReason
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+LEGEND_SERIES = 12  # charts name their lines in a legend up to this many (server.html too)
 
 # The threat model and its limits, as DESIGN.md states them, in a DPO's words.
 THREAT_MODEL = (
@@ -191,22 +194,6 @@ def _remaining(budget: float | None, spent: float) -> float | None:
     return None if budget is None else max(budget - spent, 0.0)
 
 
-# The per-BU figures report.json states that the log records too, by the log's field names.
-_COMPARED = (
-    "purpose",
-    "epsilon",
-    "epsilon_total",
-    "epsilon_unit_total",
-    "records_used",
-    "records_test",
-    "excluded",
-    "columns_used",
-    "columns_dropped",
-    "releases",
-    "encrypted_at_rest",
-)
-
-
 def report_mismatches(report: dict[str, Any], record: ComplianceRecord) -> list[str]:
     """Where `report` (a run's `report.json`) says something other than its audit log: the run,
     the BUs that answered or refused, each BU's figures, and the epsilon after every round."""
@@ -230,7 +217,7 @@ def report_mismatches(report: dict[str, Any], record: ComplianceRecord) -> list[
             f"BUs that released: the report says {sorted(stated)}, the log {sorted(logged)}"
         )
     for unit in sorted(set(stated) & set(logged)):
-        for key in _COMPARED:
+        for key in AUDITED_FIELDS:
             if stated[unit].get(key) != logged[unit].get(key):
                 problems.append(
                     f"{unit}.{key}: the report says {stated[unit].get(key)!r}, the log "
@@ -493,7 +480,8 @@ def _epsilon_chart(record: ComplianceRecord) -> Chart:
         ax.set_xlabel("round")
         ax.set_ylabel("ε spent in the run (cumulative)")
         ax.set_ylim(bottom=0)
-        ax.legend(fontsize="small")
+        if len(series) <= LEGEND_SERIES:  # more would squeeze the axes away; the table has them
+            ax.legend(fontsize="small")
 
     return Chart("Epsilon spent per BU after each round, from the audit log", (5.5, 3.4), draw)
 

@@ -37,7 +37,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from federation.evaluation import INTERVAL_LEVEL
-from server.compliance import Bullets, ComplianceRecord, Paragraph, Section, Table, sections
+from server.compliance import (
+    LEGEND_SERIES,
+    Bullets,
+    ComplianceRecord,
+    Paragraph,
+    Section,
+    Table,
+    sections,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -975,7 +983,8 @@ def _line_chart(
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(_tick(ylabel))
-        ax.legend(fontsize="small")
+        if len(series) <= LEGEND_SERIES:  # more would squeeze the axes away; the table has them
+            ax.legend(fontsize="small")
 
     return _chart(caption, (5.5, 3.4), draw)
 

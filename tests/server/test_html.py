@@ -516,3 +516,15 @@ def test_a_failed_run_says_so_before_anything_else(tmp_path) -> None:
     check_page(page, svgs=1)
     assert page.index("This run failed") < page.index("<table")
     assert html.escape(record.error) in page
+
+
+def test_a_line_chart_of_many_bus_has_no_legend_that_would_squeeze_it() -> None:
+    from server.compliance import LEGEND_SERIES
+    from server.html import _line_chart
+
+    def chart(lines: int) -> str:
+        series = {f"bu_{i}": [(1, 0.5 * i), (2, 1.0 * i)] for i in range(lines)}
+        return _line_chart("epsilon", series, xlabel="round", ylabel="epsilon")
+
+    assert 'id="legend_1"' in chart(2)
+    assert 'id="legend_1"' not in chart(LEGEND_SERIES + 1)
