@@ -27,7 +27,9 @@ from server.run import RunPlan, RunRecord
 from server.strategy import FederatedRounds, no_fit_metrics
 
 
-class _Proxy(ClientProxy):
+class Proxy(ClientProxy):
+    """A BU's place in Flower's client manager, without transport: fit is called directly."""
+
     def __init__(self, node_id: int) -> None:
         super().__init__(str(node_id))
         self.node_id = node_id
@@ -86,7 +88,7 @@ def run_in_process(
         record,
     )
     manager = SimpleClientManager()
-    proxies = [_Proxy(i) for i in range(units)]
+    proxies = [Proxy(i) for i in range(units)]
     for proxy in proxies:
         manager.register(proxy)
     clients = {

@@ -340,6 +340,10 @@ def test_any_edit_to_any_file_of_the_run_directory_fails_verification(run, tmp_p
         data = bytearray((edited / name).read_bytes())
         data[len(data) // 2] ^= 0x01
         (edited / name).write_bytes(bytes(data))
-        result, problems = verify_run(edited)
-        assert not result.ok or problems, name
-        assert CliRunner().invoke(app, ["audit", "verify", str(edited)]).exit_code == 1, name
+        try:
+            result, problems = verify_run(edited)
+        except ConfigurationError as err:  # audit.pub no longer a key at all: a clear error
+            assert name == "audit.pub" and "not an Ed25519 audit public key" in str(err)
+        else:
+            assert not result.ok or problems, name
+        assert CliRunner().invoke(app, ["audit", "verify", str(edited)]).exit_code != 0, name

@@ -29,19 +29,9 @@ from server.audit_trail import open_run_log
 from server.report import build_report, render_html
 from server.run import RunPlan, RunRecord
 from server.strategy import FederatedRounds
+from simulations.inprocess import Proxy
 from simulations.synthetic import unit_schema
 from tests.report_contract import assert_report_contract
-
-
-class Proxy(ClientProxy):
-    def __init__(self, node_id: int) -> None:
-        super().__init__(str(node_id))
-        self.node_id = node_id
-
-    def get_properties(self, ins, timeout, group_id):  # pragma: no cover - unused
-        raise NotImplementedError
-
-    get_parameters = fit = evaluate = reconnect = get_properties
 
 
 class SumPlusOne(Strategy):
