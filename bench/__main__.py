@@ -13,7 +13,7 @@ from rich.console import Console
 from bench.record import Benchmark, load, run_benchmark, save
 
 # Modules holding benchmarks, each with a BENCHMARKS list, in the order docs/benchmarks.md shows.
-MODULES = ("bench.utility", "bench.queries", "bench.cost")
+MODULES = ("bench.tuning", "bench.utility", "bench.queries", "bench.cost")
 
 console = Console()
 
@@ -28,7 +28,8 @@ def registry() -> dict[str, Benchmark]:
 
 def main(
     names: Annotated[
-        list[str] | None, typer.Argument(help="benchmarks to run (default: all)")
+        list[str] | None,
+        typer.Argument(help="benchmarks to run (default: all but those marked 'when named')"),
     ] = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="smaller variants: the whole set within 5 minutes")
@@ -40,9 +41,10 @@ def main(
     benchmarks = registry()
     if list_only:
         for benchmark in benchmarks.values():
-            console.print(f"{benchmark.name}: {benchmark.title}")
+            named = "" if benchmark.default else " (when named)"
+            console.print(f"{benchmark.name}: {benchmark.title}{named}")
         return
-    chosen = names or list(benchmarks)
+    chosen = names or [name for name, b in benchmarks.items() if b.default]
     unknown = [n for n in chosen if n not in benchmarks]
     if unknown:
         console.print(

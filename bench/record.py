@@ -31,12 +31,14 @@ PACKAGES = ("torch", "flwr", "opacus", "numpy", "pandas", "scikit-learn", "ray")
 @dataclass(frozen=True)
 class Benchmark:
     """A benchmark: `run(quick)` returns its figures (JSON-ready, with the seeds it used under
-    "seeds"); `markdown(figures)` renders them as a section of docs/benchmarks.md."""
+    "seeds"); `markdown(figures)` renders them as a section of docs/benchmarks.md. A benchmark
+    outside the default set (`default=False`) runs only when named; its last figures are kept."""
 
     name: str
     title: str
     run: Callable[[bool], dict[str, Any]]
     markdown: Callable[[dict[str, Any]], str]
+    default: bool = True
 
 
 def machine() -> dict[str, Any]:

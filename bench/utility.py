@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from clients.pipeline import PreparedUnit
 from clients.training import train_clipped_update
 from federation.job import Job
 from federation.models import initial_parameters, set_parameters
+from federation.ranges import apply_ranges
 from federation.tasks import TaskAdapter, adapter
 from simulations.inprocess import run_in_process
 
@@ -175,6 +177,19 @@ def _global_figures(
     return overall, weighted_mean(per_unit, [len(units[i].test.labels) for i in scored])
 
 
+def _in_windows(units: list[PreparedUnit], job: Job) -> list[PreparedUnit]:
+    """The BUs' features rescaled to the feature windows of `job`'s ranges exchange."""
+    spec = job.feature_spec
+    return [
+        replace(
+            u,
+            train=replace(u.train, features=apply_ranges(u.train.features, spec)),
+            test=replace(u.test, features=apply_ranges(u.test.features, spec)),
+        )
+        for u in units
+    ]
+
+
 def _local_only(task: TaskAdapter, units: list[PreparedUnit], scored: list[int]) -> float:
     values = []
     for i in scored:
@@ -218,7 +233,8 @@ def _silofed_runs(
             run = run_in_process(
                 Job(task=dataset.task, epsilon=epsilon), bu_configs, homes, seed=seed
             )
-            figures = _global_figures(task, run.parameters, units, scored)
+            # the model was trained on the features rescaled to the run's DP windows
+            figures = _global_figures(task, run.parameters, _in_windows(units, run.job), scored)
             overall.append(figures[0])
             per_unit.append(figures[1])
             assert run.record.evaluation is not None

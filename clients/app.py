@@ -29,7 +29,7 @@ from flwr.app import Context
 from flwr.client import ClientApp, NumPyClient
 from flwr.clientapp.typing import Mod
 
-from clients.budget import admit, check_round_not_answered, run_history
+from clients.budget import admit, check_round_not_answered, run_history, training_history
 from clients.features import FeatureMatrix, compute_features
 from clients.mods import secure_aggregation_mod
 from clients.pipeline import (
@@ -52,15 +52,18 @@ from clients.training import (
 )
 from federation.evaluation import RegressionSummary, ScoreHistogram, ScoreSummary
 from federation.exchanges import (
+    RANGES_ROUND,
     evaluation_round,
     is_last_exchange,
     job_columns,
     planned_evaluation,
+    planned_ranges,
     release_layout,
     release_multiplier,
 )
 from federation.job import Job, JobKind, NoisePlacement
 from federation.models import set_parameters
+from federation.ranges import apply_ranges, histogram_vector
 from federation.secagg import grid_scale, shares_and_threshold, statistics_range
 from federation.tasks import adapter
 from federation.wire import UNIT_KEY, DroppedColumn, Instruction, Phase, Refusal, UnitReport
@@ -231,6 +234,20 @@ def _customers_only(tables: PreparedTables) -> PreparedTables:
     return replace(tables, tables={"customers": customers})
 
 
+def _declared_scale(job: Job) -> Job:
+    """`job` without the feature windows of its ranges exchange, if it has any."""
+    if job.features is None or not job.features.ranges:
+        return job
+    return job.model_copy(update={"features": job.features.model_copy(update={"ranges": {}})})
+
+
+def _in_windows(matrix: FeatureMatrix, job: Job) -> FeatureMatrix:
+    """The features on the declared scale, rescaled to the job's feature windows (if any)."""
+    if job.features is None or not job.features.ranges:
+        return matrix
+    return replace(matrix, features=apply_ranges(matrix.features, job.features))
+
+
 def _split(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
     sizes = np.cumsum([a.size for a in like])[:-1]
     return [part.reshape(a.shape) for part, a in zip(np.split(flat, sizes), like, strict=True)]
@@ -284,12 +301,18 @@ class BusinessUnitClient(NumPyClient):
                 else:
                     assert matrix is not None  # every job but a query has features
                     prepared = features_of(tables, matrix)
-                    if phase is Phase.TRAIN:
-                        if len(prepared.train.labels) == 0:
-                            raise RefusedByUnit(
-                                f"unit '{unit.unit}' has no training customer for purpose "
-                                f"'{job.purpose}'; it takes no part in this run"
-                            )
+                    if phase in (Phase.RANGES, Phase.TRAIN) and not len(prepared.train.labels):
+                        raise RefusedByUnit(
+                            f"unit '{unit.unit}' has no training customer for purpose "
+                            f"'{job.purpose}'; it takes no part in this run"
+                        )
+                    if phase is Phase.RANGES:
+                        # the training customers only: the release composes with training
+                        vector = histogram_vector(prepared.train.features, job.feature_spec)
+                        reply = self._release(
+                            tables, vector, parameters, instruction, ledger, prepared=prepared
+                        )
+                    elif phase is Phase.TRAIN:
                         reply = self._train(prepared, parameters, instruction, ledger)
                     elif phase is Phase.SEGMENTS:
                         (centroids,) = parameters
@@ -328,6 +351,9 @@ class BusinessUnitClient(NumPyClient):
         inputs are unchanged (see `_PreparedData`)."""
         keys = UnitKeys(home.pseudonym_key(), home.linkage_key())
         as_of = job.consent_as_of or instruction.started_at
+        # The data is prepared on the declared scale and kept so: the feature windows the ranges
+        # exchange finds are applied to it afterwards (they change the job, not the data).
+        ranged, job = job, _declared_scale(job)
         fingerprint = (
             _inputs_fingerprint(self.node, unit, home, job, keys, as_of)
             if job.kind is not JobKind.QUERY
@@ -337,7 +363,7 @@ class BusinessUnitClient(NumPyClient):
         kept = _PREPARED.get(fingerprint) if fingerprint is not None else None
         if kept is not None and kept.holds_at(now):
             _PREPARED.move_to_end(fingerprint)
-            return kept.tables, kept.matrix, fingerprint
+            return kept.tables, _in_windows(kept.matrix, ranged), fingerprint
         keyring = home.keyring() if unit.source.encrypted else None
         silo = load_silo(unit, keyring=keyring)
         if job.kind is not JobKind.QUERY:
@@ -360,7 +386,7 @@ class BusinessUnitClient(NumPyClient):
         matrix = compute_features(tables.tables, job.feature_spec, customer_key=tables.customer_key)
         if fingerprint is not None:
             _keep(fingerprint, _PreparedData.of(tables, matrix, next_event))
-        return tables, matrix, fingerprint
+        return tables, _in_windows(matrix, ranged), fingerprint
 
     def _evaluation_vector(self, prepared: PreparedUnit, parameters, job) -> np.ndarray:
         task = adapter(job.task, job.feature_spec)
@@ -391,13 +417,14 @@ class BusinessUnitClient(NumPyClient):
         layout = release_layout(job, phase, instruction.server_round)
         z = release_multiplier(job, phase)
         assert layout is not None
-        ledger_round = (
-            evaluation_round(job) if phase is Phase.EVALUATE else instruction.server_round
+        ledger_round = {Phase.EVALUATE: evaluation_round(job), Phase.RANGES: RANGES_ROUND}.get(
+            phase, instruction.server_round
         )
         check_round_not_answered(ledger, instruction.run_id, job.purpose, ledger_round)
         # The evaluation touches the held-out customers only: it composes in parallel with
-        # training, which touches the others (privacy.accounting.partitioned_epsilon).
-        part = HOLDOUT if phase is Phase.EVALUATE else ALL
+        # training, which touches the others (privacy.accounting.partitioned_epsilon); the
+        # ranges touch the training customers, before training.
+        part = {Phase.EVALUATE: HOLDOUT, Phase.RANGES: TRAIN}.get(phase, ALL)
         released = gaussian_event_of(z) if z is not None else None
         if released is not None:
             would_reach = ledger.epsilon_after(
@@ -446,7 +473,7 @@ class BusinessUnitClient(NumPyClient):
             noise_multiplier=z if z is not None else 1.0,
             sample_rate=1.0,
             steps=0,
-            releases=1 if phase is Phase.EVALUATE else instruction.server_round,
+            releases=_releases_so_far(ledger, instruction),
         )
         wire = [noisy.astype(np.float64)]
         if secure.enabled:
@@ -497,9 +524,14 @@ class BusinessUnitClient(NumPyClient):
         plan = local_plan(records, job.training)
         check_round_not_answered(ledger, instruction.run_id, job.purpose, instruction.server_round)
         history = run_history(ledger, instruction.run_id, job.purpose, part=TRAIN)
+        trained = training_history(ledger, instruction.run_id, job.purpose)
         # The DP evaluation after the last round touches the held-out customers only: training
         # is calibrated with it in parallel, so that the run as a whole stays within the target.
+        # The ranges release before training touches the training customers: training is
+        # calibrated after it, from the public plan (whether or not this BU answered it, so that
+        # every BU's multiplier follows from the job alone).
         evaluation = planned_evaluation(job)
+        ranges = planned_ranges(job)
         central = job.noise is NoisePlacement.CENTRAL
         distributed = job.noise is NoisePlacement.DISTRIBUTED
         if distributed:
@@ -517,7 +549,7 @@ class BusinessUnitClient(NumPyClient):
             # Gaussian mechanism per round, no sampling. z follows from the public job alone.
             clip = job.training.clip_norm
             noise_multiplier = central_noise_multiplier(
-                job.epsilon, job.delta, job.rounds, holdout=evaluation
+                job.epsilon, job.delta, job.rounds, spent=ranges, holdout=evaluation
             )
             planned: PrivacyEvent = GaussianEvent(
                 sigma=central_noise_std(noise_multiplier, clip), sensitivity=2 * clip
@@ -526,13 +558,14 @@ class BusinessUnitClient(NumPyClient):
         else:
             # Calibrated once per run, from the public plan: the first round's multiplier is kept.
             noise_multiplier = (
-                history[0].noise_multiplier
-                if history
+                trained[0].noise_multiplier
+                if trained
                 else calibrate_noise_multiplier(
                     job.epsilon,
                     job.delta,
                     plan.sample_rate,
                     plan.steps_per_round * job.rounds,
+                    spent=ranges,
                     holdout=evaluation,
                 )
             )
@@ -590,7 +623,6 @@ class BusinessUnitClient(NumPyClient):
         ledger.record(
             instruction.run_id, instruction.server_round, job.purpose, released, now=now, part=TRAIN
         )
-        history = run_history(ledger, instruction.run_id, job.purpose, part=TRAIN)
         report = _unit_report(
             prepared,
             ledger,
@@ -600,7 +632,8 @@ class BusinessUnitClient(NumPyClient):
             records_test=len(prepared.test.labels),
             noise_multiplier=noise_multiplier,
             sample_rate=sample_rate,
-            steps=sum(e.steps for e in history),
+            steps=sum(e.steps for e in training_history(ledger, instruction.run_id, job.purpose)),
+            releases=_releases_so_far(ledger, instruction),
         )
         if job.secure_aggregation.enabled:
             check_secure_range(
@@ -623,6 +656,7 @@ class BusinessUnitClient(NumPyClient):
             scale=grid_scale(job.secure_aggregation),
             threshold=threshold,
             colluding=job.secure_aggregation.colluding,
+            spent=planned_ranges(job),
             holdout=planned_evaluation(job),
         )
 
@@ -665,6 +699,16 @@ def _audit_exchange(home: UnitHome, instruction: Instruction, reply, *, final: b
     if UnitReport.KEY in metrics:
         data |= UnitReport.from_metrics(metrics).audit_summary()
     _audit(home, "exchange.answered", instruction, data, final=final)
+
+
+def _releases_so_far(ledger: PrivacyLedger, instruction: Instruction) -> int:
+    """The statistics releases of the run so far: one per round of a query or k-means job; the
+    ranges and the DP evaluation of a model job (its ledger rounds outside the training rounds)."""
+    job = instruction.job
+    if job.kind is not JobKind.MODEL:
+        return instruction.server_round
+    rounds = {e.round for e in ledger.entries(run_id=instruction.run_id, purpose=job.purpose)}
+    return len(rounds - set(range(1, job.rounds + 1)))
 
 
 def _unit_report(

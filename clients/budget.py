@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from federation.job import Job
-from privacy.accounting import DpSgdEvent
+from privacy.accounting import TRAIN, DpSgdEvent
 from privacy.errors import RefusedByUnit, RunFailed
 from privacy.home import UnitHome
 from privacy.ledger import GaussianEvent, PrivacyLedger
@@ -80,6 +80,16 @@ def run_history(
         e.event.as_dp_sgd() if isinstance(e.event, GaussianEvent) else e.event
         for e in ledger.entries(run_id=run_id, purpose=purpose)
         if part is None or e.part == part
+    )
+
+
+def training_history(ledger: PrivacyLedger, run_id: str, purpose: str) -> tuple[DpSgdEvent, ...]:
+    """The run's training rounds so far (ledger rounds from 1 on; the ranges release is round 0,
+    a DP evaluation is recorded on the held-out part), each as a DP-SGD event."""
+    return tuple(
+        e.event.as_dp_sgd() if isinstance(e.event, GaussianEvent) else e.event
+        for e in ledger.entries(run_id=run_id, purpose=purpose)
+        if e.part == TRAIN and e.round >= 1
     )
 
 

@@ -27,6 +27,7 @@ from federation.features import (
     Recency,
     Tenure,
 )
+from federation.ranges import apply_ranges
 
 _DAY = pd.Timedelta(days=1)
 
@@ -140,11 +141,7 @@ def compute_features(
             raise TypeError(f"unknown feature {feature!r}")
         blocks.append(block[:, None] if block.ndim == 1 else block)
 
-    matrix = np.concatenate(blocks, axis=1)
-    for name, (low, high) in spec.ranges.items():  # DP-derived windows (federation.ranges)
-        j = spec.output_names.index(name)
-        matrix[:, j] = (np.clip(matrix[:, j], low, high) - low) / (high - low)
-    matrix = matrix.astype(np.float32)
+    matrix = apply_ranges(np.concatenate(blocks, axis=1), spec)  # DP-derived windows, if any
     if spec.target is not None:
         labels = _future_spend(tables, spec.target, observed, index, customer_key)
     elif spec.label is not None:

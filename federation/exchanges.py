@@ -2,7 +2,10 @@
 
 A job runs as rounds of exchanges, each a Flower train message (the only kind SecAgg+ covers):
 
-- `model`: every round trains (DP-SGD or clipped updates); the evaluation of the global model follows
+- `model`: the first round opens with the `ranges` exchange (every BU's noisy histograms of its
+  scalar features, `federation.ranges`; skipped when `training.ranges_share` is 0 or the model has
+  no scalar feature), recorded in the ledger as round `RANGES_ROUND`; every round trains (DP-SGD or
+  clipped updates, on the features rescaled to the DP windows); the evaluation of the global model follows
   the last round (`evaluation.mode = "dp"`: one discrete Gaussian release of score histograms over the
   held-out customers, spending `evaluation.epsilon`) or every round (`"exact"`: exact histograms, not
   DP, for development on synthetic data only).
@@ -16,11 +19,13 @@ the sum carries. Nothing here reads data.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from federation.evaluation import regression_layout, score_layout
 from federation.job import Job, JobKind, QueryRecipe
 from federation.queries import resolve_query
+from federation.ranges import ranges_layout
 from federation.release import ReleaseLayout
 from federation.segments import segment_feature_spec, segments_layout
 from federation.tasks import adapter
@@ -87,15 +92,30 @@ def exchange_rounds(job: Job) -> int:
     return job.rounds
 
 
+RANGES_ROUND = 0  # the ledger round of the ranges exchange: before the first training round
+
+
+def uses_ranges(job: Job) -> bool:
+    """Whether a model job opens with the ranges exchange: a share of the budget is given to it
+    and the model has scalar features. The answer depends on the public job alone, never on
+    whether the windows are known yet, so both sides account for the release in every round."""
+    return (
+        job.kind is JobKind.MODEL
+        and job.training.ranges_share > 0
+        and bool(job.feature_spec.scalar_outputs)
+    )
+
+
 def phases(job: Job, server_round: int) -> tuple[Phase, ...]:
     """The exchanges of round `server_round`, in order."""
     if job.kind is JobKind.QUERY:
         return (Phase.QUERY,)
     if job.kind is JobKind.SEGMENTS:
         return (Phase.SEGMENTS,)
+    opening = (Phase.RANGES,) if server_round == 1 and uses_ranges(job) else ()
     if job.evaluation.mode == "exact" or server_round == job.rounds:
-        return (Phase.TRAIN, Phase.EVALUATE)
-    return (Phase.TRAIN,)
+        return (*opening, Phase.TRAIN, Phase.EVALUATE)
+    return (*opening, Phase.TRAIN)
 
 
 def is_last_exchange(job: Job, phase: Phase, server_round: int) -> bool:
@@ -114,6 +134,8 @@ def release_layout(job: Job, phase: Phase, server_round: int = 1) -> ReleaseLayo
     first round may carry more centroids than k (the public seeding cells)."""
     if phase is Phase.QUERY:
         return job.query_spec.layout()
+    if phase is Phase.RANGES:
+        return ranges_layout(job.feature_spec)
     if phase is Phase.SEGMENTS:
         spec = job.segments_spec
         clusters = spec.round_clusters[0] if server_round == 1 else spec.k
@@ -132,11 +154,29 @@ def release_multiplier(job: Job, phase: Phase) -> float | None:
     sqrt(parts)); None when the release is exact."""
     if phase is Phase.QUERY:
         return noise_multiplier(job.epsilon, job.delta)
+    if phase is Phase.RANGES:
+        return ranges_multiplier(job)
     if phase is Phase.SEGMENTS:
         return noise_multiplier(job.epsilon, job.delta, releases=job.segments_spec.iterations)
     if phase is Phase.EVALUATE and job.evaluation.mode == "dp":
         return noise_multiplier(job.evaluation_epsilon, job.delta)
     return None
+
+
+def ranges_multiplier(job: Job) -> float:
+    """z of the ranges release: z(epsilon) / sqrt(share), where z(epsilon) is the multiplier of
+    one Gaussian release at the job's epsilon. Its RDP curve is `training.ranges_share` times that
+    release's, at every order: a fixed share of the run's budget, whatever epsilon is (a share of
+    epsilon itself could not be certified for small epsilon at small delta)."""
+    return noise_multiplier(job.epsilon, job.delta) / math.sqrt(job.training.ranges_share)
+
+
+def planned_ranges(job: Job) -> tuple[DpSgdEvent, ...]:
+    """The ranges release a model job makes before training, as the accountant composes it: on
+    the training customers, so that training is calibrated after it (`spent`)."""
+    if not uses_ranges(job):
+        return ()
+    return (DpSgdEvent(ranges_multiplier(job), 1.0, 1),)
 
 
 def planned_evaluation(job: Job) -> tuple[DpSgdEvent, ...]:

@@ -54,13 +54,22 @@ class _Frozen(BaseModel):
 
 
 class Training(_Frozen):
-    """Local DP-SGD inside each BU. Defaults chosen on the synthetic BUs (docs/training.md)."""
+    """Local DP-SGD inside each BU. Defaults chosen on validation customers of three real data
+    sets (`bench/tuning.py`, docs/training.md)."""
 
     expected_batch_size: int = Field(256, ge=8, description="Poisson sampling: expected batch size")
-    local_epochs: int = Field(1, ge=1, le=100)
+    local_epochs: int = Field(3, ge=1, le=100)
     learning_rate: float = Field(2.0, gt=0)
     momentum: float = Field(0.5, ge=0, lt=1)
     clip_norm: float = Field(1.0, gt=0, description="per-customer gradient clipping norm")
+    ranges_share: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="feature ranges from DP histograms before training (federation.ranges): "
+        "their release costs this share of the RDP of one Gaussian release at the job's epsilon; "
+        "0 keeps the declared bounds",
+    )
 
 
 class Evaluation(_Frozen):

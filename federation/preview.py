@@ -20,6 +20,7 @@ from federation.exchanges import (
     release_multiplier,
     resolve_job,
     taking_part,
+    uses_ranges,
 )
 from federation.job import Job, JobKind
 from federation.queries import preview_answers
@@ -122,6 +123,14 @@ def preview(job: Job, configs: Sequence[SiloSchema]) -> Preview:
                 else "evaluation is exact (not DP): for development on synthetic data only"
             )
         )
+        if uses_ranges(job):
+            notes.append(
+                "feature ranges: before the first training round each BU releases noisy "
+                "histograms of its scalar features over its training customers (the `ranges` "
+                f"release above, a share of {job.training.ranges_share:g} of one release at the "
+                "job's epsilon); every BU then rescales each feature to the window read off "
+                "their sum, and its DP-SGD is calibrated for what remains"
+            )
     cost = [
         {"unit": unit, "purpose": job.purpose, "epsilon": job.epsilon, "delta": job.delta}
         for unit in units

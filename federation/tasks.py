@@ -90,7 +90,7 @@ class TaskAdapter(ABC):
         """The loss of the model's output (squeezed to one value per customer) against the label,
         per customer (`reduction="none"`): training sums it and divides by the batch's size, so
         that an empty Poisson batch gives a zero loss (and still a noisy, accounted step).
-        Per-sample gradients come from Opacus's hooks on the model."""
+        Per-customer gradients come from the loss at the model's output (`clients.training`)."""
 
     @abstractmethod
     def predict(self, model: nn.Module, features: np.ndarray) -> np.ndarray:

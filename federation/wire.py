@@ -22,6 +22,7 @@ _PREFIX = "silofed."
 
 
 class Phase(StrEnum):
+    RANGES = "ranges"  # before training: histograms of the scalar features (federation.ranges)
     TRAIN = "train"  # a model update (DP-SGD, or a clipped update for central/distributed noise)
     EVALUATE = "evaluate"  # score statistics of the held-out customers
     QUERY = "query"  # a query's integer vector

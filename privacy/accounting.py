@@ -215,13 +215,20 @@ def calibrate_noise_multiplier(
 
 
 def central_noise_multiplier(
-    target_epsilon: float, delta: float, rounds: int, *, holdout: Sequence[DpSgdEvent] = ()
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    *,
+    spent: Sequence[DpSgdEvent] = (),
+    holdout: Sequence[DpSgdEvent] = (),
 ) -> float:
     """Central placement: the multiplier z of the Gaussian noise (std z x sensitivity) the
     coordinator adds to each round's sum so that `rounds` rounds, every BU taking part in each
-    (no sampling), spend at most `target_epsilon` at `delta` (with the run's `holdout` releases
-    in parallel)."""
-    return calibrate_noise_multiplier(target_epsilon, delta, 1.0, rounds, holdout=holdout)
+    (no sampling), after the run's releases `spent` on the same customers, spend at most
+    `target_epsilon` at `delta` (with the run's `holdout` releases in parallel)."""
+    return calibrate_noise_multiplier(
+        target_epsilon, delta, 1.0, rounds, spent=spent, holdout=holdout
+    )
 
 
 def central_noise_std(noise_multiplier: float, clip_norm: float) -> float:
@@ -257,6 +264,7 @@ def distributed_plan(
     scale: float,
     threshold: int,
     colluding: int,
+    spent: Sequence[DpSgdEvent] = (),
     holdout: Sequence[DpSgdEvent] = (),
 ) -> DistributedPlan:
     """Shares calibrated from the start for the reconstruction threshold t: any sum of at least t
@@ -277,7 +285,7 @@ def distributed_plan(
     l2_bound = math.sqrt(
         c * c + dimension / 4 + math.sqrt(2 * math.log(1 / beta)) * (c + math.sqrt(dimension) / 2)
     )
-    z = central_noise_multiplier(target_epsilon, delta, rounds, holdout=holdout)
+    z = central_noise_multiplier(target_epsilon, delta, rounds, spent=spent, holdout=holdout)
     total = z * 2 * l2_bound
     share = total / math.sqrt(threshold - colluding)
     if share < 4:

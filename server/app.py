@@ -25,7 +25,12 @@ from flwr.server.strategy import FedAvg
 from flwr.serverapp import Grid, ServerApp
 
 from federation.deployment import DeploymentDirectory, check_deployable
-from federation.exchanges import exchange_rounds, planned_evaluation, resolve_job
+from federation.exchanges import (
+    exchange_rounds,
+    planned_evaluation,
+    planned_ranges,
+    resolve_job,
+)
 from federation.job import Job, JobKind, NoisePlacement
 from federation.saved import saved_model
 from privacy.accounting import central_noise_multiplier
@@ -70,7 +75,11 @@ def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
             inner,
             clip_norm=job.training.clip_norm,
             noise_multiplier=central_noise_multiplier(
-                job.epsilon, job.delta, job.rounds, holdout=planned_evaluation(job)
+                job.epsilon,
+                job.delta,
+                job.rounds,
+                spent=planned_ranges(job),
+                holdout=planned_evaluation(job),
             ),
             source=source,
         )

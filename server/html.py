@@ -876,10 +876,29 @@ def _privacy_part(report: dict) -> str:
     return (
         f"<h2>Privacy spent</h2>{_epsilon_chart(report)}"
         f"<h2>Per business unit</h2>{_table(header, rows, numeric=(1, 2, 3))}"
+        f"{_feature_ranges(privacy.get('feature_ranges'))}"
         f"<h2>Guarantees</h2>{_list(guarantees)}"
         f"<h2>Disclosed without differential privacy</h2><ul>{disclosed}</ul>"
         f"<h2>Out of scope</h2>{_list(privacy['out_of_scope'])}"
         f"<p><small>{_e('; '.join(footer))}.</small></p>"
+    )
+
+
+def _feature_ranges(ranges: dict | None) -> str:
+    """The feature windows of the ranges exchange: DP outputs, shown with their noise."""
+    if not ranges or not ranges.get("windows"):
+        return ""
+    rows = [
+        [name, _num(w["natural"][0], 4), _num(w["natural"][1], 4), _interval(w["scaled"], 3)]
+        for name, w in ranges["windows"].items()
+    ]
+    return (
+        "<h2>Feature windows (differentially private)</h2>"
+        f"<p>{_e(ranges['description'])}. Histograms of {ranges['bins']} bins per feature, "
+        f"noise multiplier {_num(ranges['noise_multiplier'], 4)} (a share of "
+        f"{_num(ranges['share'], 3)} of one release at the run's epsilon, included in every "
+        "BU's epsilon).</p>"
+        + _table(["feature", "from", "to", "on the declared [0, 1] scale"], rows, numeric=(1, 2))
     )
 
 

@@ -109,6 +109,7 @@ def build_report(record: RunRecord) -> dict:
                 else "torch generator seeded from OS entropy (Opacus secure_mode unavailable)"
             ),
             "per_unit": per_unit,
+            "feature_ranges": _feature_ranges(record),
             "disclosed": [
                 {
                     "item": "records_used",
@@ -184,6 +185,32 @@ def build_report(record: RunRecord) -> dict:
     }
 
 
+def _feature_ranges(record: RunRecord) -> dict | None:
+    """The ranges exchange: its noise, and the window of every scalar feature (DP outputs),
+    on the declared [0, 1] scale and in the feature's own units."""
+    from federation.exchanges import ranges_multiplier, uses_ranges
+    from federation.ranges import RANGE_BINS, natural_window
+
+    job = record.plan.job
+    if job.kind is not JobKind.MODEL or not uses_ranges(job):
+        return None
+    spec = job.feature_spec
+    return {
+        "share": job.training.ranges_share,
+        "noise_multiplier": ranges_multiplier(job),
+        "bins": RANGE_BINS,
+        "description": (
+            "before training, every BU released a noisy histogram of each scalar feature over "
+            "its training customers; the coordinator read each feature's window off their sum, "
+            "and every BU clipped the feature to it and rescaled it to [0, 1]"
+        ),
+        "windows": {
+            name: {"scaled": list(window), "natural": list(natural_window(spec, name, window))}
+            for name, window in sorted((record.feature_windows or {}).items())
+        },
+    }
+
+
 def _final_metrics(record: RunRecord) -> dict:
     """The metrics of the last round that evaluated (a DP evaluation follows the last round only)."""
     for summary in reversed(record.rounds):
@@ -221,6 +248,10 @@ def _mechanism(job) -> str:
         )
     else:
         training = "DP-SGD (Opacus): Poisson sampling, per-customer clipping, Gaussian noise"
+    from federation.exchanges import uses_ranges
+
+    if uses_ranges(job):
+        training = f"feature ranges: {releases}; {training}"
     if job.evaluation.mode == "dp":
         return f"{training}; evaluation: {releases}"
     return training
@@ -353,16 +384,23 @@ def _guarantees(job, reports) -> list[str]:
 
 
 def _unit_level(job) -> str:
-    from federation.exchanges import planned_evaluation
+    from federation.exchanges import planned_evaluation, planned_ranges
     from privacy.accounting import DpSgdEvent, central_noise_multiplier, dp_sgd_epsilon
 
+    ranges = planned_ranges(job)
     z = central_noise_multiplier(
-        job.epsilon, job.delta, job.rounds, holdout=planned_evaluation(job)
+        job.epsilon, job.delta, job.rounds, spent=ranges, holdout=planned_evaluation(job)
     )
     unit_level = dp_sgd_epsilon([DpSgdEvent(2 * z, 1.0, job.rounds)], job.delta)
     return (
         f"BU level: the released models are ({unit_level:.3f}, {job.delta:g})-DP with respect to "
         "any one BU's whole contribution (sensitivity C instead of 2C)."
+        + (
+            " The feature windows of the ranges exchange are DP for each customer, not for a "
+            "BU's whole contribution."
+            if ranges
+            else ""
+        )
     )
 
 

@@ -7,7 +7,7 @@ listed as disclosed), and the summed evaluation statistics. The report is render
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -60,6 +60,7 @@ class RunRecord:
     audit: AuditLog | None = None  # the run's audit log, written as the run goes
     evaluation: dict | None = None  # the DP evaluation: metrics, curves, intervals
     results: dict | None = None  # a query's answers or the segments (results.json)
+    feature_windows: dict[str, tuple[float, float]] | None = None  # from the ranges exchange
     _pending_epsilon: dict[str, float] = field(default_factory=dict)
     _pending_metrics: dict[str, float] = field(default_factory=dict)
 
@@ -67,6 +68,24 @@ class RunRecord:
         for report in reports:
             self.unit_reports[report.unit] = report
         self._pending_epsilon = {r.unit: r.epsilon for r in reports}
+
+    def record_ranges(
+        self, reports: list[UnitReport], windows: dict[str, tuple[float, float]]
+    ) -> None:
+        """The ranges exchange: the feature windows read off the BUs' noisy histograms become
+        part of the job (every later exchange, and the saved model, applies them)."""
+        self.record_training(reports)
+        self.feature_windows = dict(windows)
+        job = self.plan.job
+        features = job.feature_spec.model_validate(
+            {**job.feature_spec.model_dump(), "ranges": windows}
+        )
+        self.plan = replace(self.plan, job=job.model_copy(update={"features": features}))
+        if self.audit is not None:
+            self.audit.append(
+                "ranges.released",
+                {"windows": {name: list(w) for name, w in sorted(windows.items())}},
+            )
 
     def record_release(self, reports: list[UnitReport]) -> None:
         """A query or k-means release: the BUs' reports are the run's figures."""
@@ -85,7 +104,7 @@ class RunRecord:
                     "epsilon_total": report.epsilon_total,
                     "epsilon_unit_total": report.epsilon_unit_total,
                     "records_test": report.records_test,
-                    "releases": trained.releases + report.releases,
+                    "releases": report.releases,  # the BU's count over the run
                 }
             )
             self._pending_epsilon[report.unit] = report.epsilon

@@ -47,5 +47,5 @@ def secure_workflows(units: int, config: SecureAggregation) -> dict[Phase, SecAg
             quantization_range=config.quantization_range,
             **common,
         ),
-        **dict.fromkeys((Phase.EVALUATE, Phase.QUERY, Phase.SEGMENTS), releases),
+        **dict.fromkeys((Phase.RANGES, Phase.EVALUATE, Phase.QUERY, Phase.SEGMENTS), releases),
     }

@@ -30,6 +30,7 @@ from federation.exchanges import phases, release_layout, release_multiplier
 from federation.job import JobKind
 from federation.models import initial_parameters
 from federation.queries import query_answers
+from federation.ranges import windows_from_histograms
 from federation.secagg import shares_and_threshold
 from federation.segments import initial_centroids, update_centroids
 from federation.tasks import adapter
@@ -210,6 +211,12 @@ class FederatedRounds(Strategy):
             colluding=secure.colluding,
         )
         reports = [UnitReport.from_metrics(r.metrics) for _, r in answered]
+        if phase is Phase.RANGES:
+            spec = job.feature_spec
+            customers = sum(r.records_used for r in reports)  # disclosed with every reply
+            windows = windows_from_histograms(total, spec, noise["histograms"].std, customers)
+            self.record.record_ranges(reports, windows)
+            return None
         if phase is Phase.EVALUATE:
             task = adapter(job.task, job.feature_spec)
             if task.kind == "regression":

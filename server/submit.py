@@ -93,7 +93,7 @@ def submit(
             f"{directory.config_file}: no BU is enrolled; enrol them with `silofed deploy enrol`"
         )
     # a job the BUs cannot run stops here, before anything is submitted
-    resolve_job(check_deployable(job), directory.schemas(deployment))
+    resolved = resolve_job(check_deployable(job), directory.schemas(deployment))
     write_connection(directory, deployment)
     if not healthy(directory, deployment):
         raise ConfigurationError(
@@ -118,7 +118,7 @@ def submit(
         ),
     )
     app = write_app(directory)
-    deadline = run_deadline(job, deployment.timeouts.connect, deployment.timeouts.round)
+    deadline = run_deadline(resolved, deployment.timeouts.connect, deployment.timeouts.round)
     command = [
         flower_program("flwr"),
         "run",

@@ -45,7 +45,7 @@ class InProcessRun:
     record: RunRecord
     parameters: list[np.ndarray]
     nodes: list[Node]
-    job: Job
+    job: Job  # resolved, with the feature windows of the ranges exchange when it had one
 
 
 def run_in_process(
@@ -117,4 +117,4 @@ def run_in_process(
     final = parameters_to_ndarrays(parameters)
     if out is not None:
         write_run_directory(record, final)
-    return InProcessRun(record=record, parameters=final, nodes=nodes, job=job)
+    return InProcessRun(record=record, parameters=final, nodes=nodes, job=record.plan.job)

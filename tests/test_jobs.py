@@ -25,6 +25,7 @@ from federation.saved import load_run_model
 from privacy.accounting import dp_sgd_epsilon, partitioned_epsilon
 from privacy.errors import ConfigurationError
 from privacy.home import UnitHome
+from privacy.ledger import GaussianEvent
 from privacy.unit_config import UnitConfig
 from simulations.inprocess import run_in_process
 from simulations.synthetic import synthesize
@@ -58,8 +59,14 @@ def test_a_model_job_trains_then_spends_its_evaluation_within_the_job_epsilon(mo
     for config in silos:
         entries, total = _ledger_events(base / "homes", config)
         kinds = [(e.round, type(e.event).__name__) for e in entries]
-        # two DP-SGD rounds, then the evaluation release recorded after the last round
-        assert kinds == [(1, "DpSgdEvent"), (2, "DpSgdEvent"), (3, "GaussianEvent")]
+        # the ranges release before training (round 0), two DP-SGD rounds, then the evaluation
+        # release recorded after the last round
+        assert kinds == [
+            (0, "GaussianEvent"),
+            (1, "DpSgdEvent"),
+            (2, "DpSgdEvent"),
+            (3, "GaussianEvent"),
+        ]
         assert 0.9 * job.epsilon <= total <= job.epsilon
     report = json.loads((base / "run" / "report.json").read_text())
     assert_report_contract(report)
@@ -83,13 +90,18 @@ def test_training_and_evaluation_compose_in_parallel_on_disjoint_customers(model
     assert job.evaluation_epsilon == job.epsilon  # each side may spend the whole target
     for config in silos:
         entries, _ = _ledger_events(base / "homes", config)
-        assert [e.part for e in entries] == ["train", "train", "holdout"]
-        training = [e.event for e in entries if e.part == "train"]
+        # the ranges histograms are of the training customers: they compose with training
+        assert [e.part for e in entries] == ["train", "train", "train", "holdout"]
+        training = [
+            e.event.as_dp_sgd() if isinstance(e.event, GaussianEvent) else e.event
+            for e in entries
+            if e.part == "train"
+        ]
         evaluation = [e.event.as_dp_sgd() for e in entries if e.part == "holdout"]
         train_alone = dp_sgd_epsilon(training, job.delta)
         eval_alone = dp_sgd_epsilon(evaluation, job.delta)
         report = run.record.unit_reports[UnitConfig.load(config).unit]
-        assert report.releases == 1
+        assert report.releases == 2  # the ranges and the evaluation
         # the run's curve is the pointwise larger of the two sides' RDP curves: its epsilon is
         # at least the larger side's, and far below the composition of both
         assert report.epsilon == pytest.approx(
@@ -97,7 +109,8 @@ def test_training_and_evaluation_compose_in_parallel_on_disjoint_customers(model
         )
         assert max(train_alone, eval_alone) <= report.epsilon <= job.epsilon
         assert dp_sgd_epsilon([*training, *evaluation], job.delta) > job.epsilon
-        # training was calibrated for the whole target, as without any evaluation
+        # training (with the ranges before it) was calibrated for the whole target, as without
+        # any evaluation
         assert 0.95 * job.epsilon <= train_alone <= job.epsilon
 
 
@@ -347,3 +360,47 @@ def test_the_summary_shows_a_ratio_without_value_as_such(capsys, tmp_path):
         in printed
     )
     assert "customers: 12  95% [9, 15]" in printed
+
+
+def test_the_ranges_exchange_spends_its_share_and_its_windows_reach_the_report(model_run, silos):
+    """Before training every BU released its scalar features' histograms once (ledger round 0,
+    at the multiplier the public job fixes); the windows read off their sum are in the job the
+    BUs trained with, in the saved model's spec and in the report, in the features' own units."""
+    from federation.exchanges import RANGES_ROUND, ranges_multiplier
+    from federation.ranges import natural_window
+    from federation.saved import load_model
+
+    run, base = model_run
+    job = run.job
+    windows = job.feature_spec.ranges
+    assert set(windows) == set(job.feature_spec.scalar_outputs)
+    assert all(0.0 <= low < high <= 1.0 for low, high in windows.values())
+    for config in silos:
+        entries, _ = _ledger_events(base / "homes", config)
+        (ranges,) = [e for e in entries if e.round == RANGES_ROUND]
+        assert ranges.part == "train"
+        assert ranges.event.as_dp_sgd().noise_multiplier == pytest.approx(ranges_multiplier(job))
+    report = json.loads((base / "run" / "report.json").read_text())
+    stated = report["privacy"]["feature_ranges"]
+    assert stated["share"] == job.training.ranges_share == 0.1
+    assert {n: tuple(w["scaled"]) for n, w in stated["windows"].items()} == windows
+    for name, window in stated["windows"].items():
+        assert window["natural"] == pytest.approx(
+            list(natural_window(job.feature_spec, name, windows[name]))
+        )
+    _, spec = load_model(base / "run" / "model.pt")
+    assert spec.ranges == windows
+    html = (base / "run" / "report.html").read_text()
+    assert "Feature windows (differentially private)" in html
+
+
+def test_a_job_without_a_ranges_share_keeps_the_declared_scale(silos, tmp_path):
+    job = Job.parse({"rounds": 1, "epsilon": 3.0, "training": {"ranges_share": 0}}, source="test")
+    run = run_in_process(job, silos, tmp_path / "homes", out=tmp_path / "run", seed=1)
+    assert run.job.feature_spec.ranges == {}
+    for config in silos:
+        entries, _ = _ledger_events(tmp_path / "homes", config)
+        assert [e.round for e in entries] == [1, 2]  # training, then the DP evaluation
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["privacy"]["feature_ranges"] is None
+    assert_report_contract(report)

@@ -8,14 +8,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from clients.app import BusinessUnitClient, Node
 from clients.steward import prepare_simulated_home
-from clients.training import entropy_generator, local_plan, train_dp_sgd
+from clients.training import (
+    GaussianStep,
+    entropy_generator,
+    has_closed_form,
+    local_plan,
+    private_linear_gradient,
+    train_dp_sgd,
+)
 from federation.features import resolve_feature_spec
 from federation.job import Job, Training
-from federation.models import build_model, initial_parameters
+from federation.models import build_model, initial_parameters, set_parameters
+from federation.tasks import adapter
 from federation.wire import Instruction, Phase, UnitReport, refusal_of
 from privacy.accounting import DpSgdEvent, dp_sgd_epsilon
 from privacy.home import UnitHome
@@ -176,9 +188,11 @@ def test_under_central_noise_a_unit_sends_a_clipped_update_and_records_a_gaussia
     norm = float(np.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in update)))
     assert weight == 1 and norm <= job.training.clip_norm * (1 + 1e-6)
     report = UnitReport.from_metrics(metrics)
-    from federation.exchanges import planned_evaluation
+    from federation.exchanges import planned_evaluation, planned_ranges
 
-    z = central_noise_multiplier(2.0, job.delta, 4, holdout=planned_evaluation(job))
+    z = central_noise_multiplier(
+        2.0, job.delta, 4, spent=planned_ranges(job), holdout=planned_evaluation(job)
+    )
     assert (report.noise_multiplier, report.sample_rate, report.steps) == (z, 1.0, 1)
     with UnitHome(node.home, UnitConfig.load(node.bu_config)).ledger() as ledger:
         (entry,) = ledger.entries(run_id="run-1")
@@ -210,6 +224,181 @@ def test_zero_gradients_through_local_dp_sgd_carry_exactly_the_configured_noise(
     expected = sigma * clip / batch
     assert abs(weights.std() / expected - 1) < 0.03
     assert abs(weights.mean()) < 5 * expected / np.sqrt(dim)
+
+
+# --- the closed form for a linear model against Opacus's hooks and DPOptimizer -------------------
+
+
+def _linear_batch(n: int = 40, d: int = 6, seed: int = 0):
+    """A linear model away from zero and a batch whose customers' gradients straddle the clip
+    norm: features up to 3, so that some gradients are clipped and some are not."""
+    rng = np.random.default_rng(seed)
+    layer = nn.Linear(d, 1)
+    set_parameters(layer, [rng.normal(size=(1, d)).astype(np.float32), np.array([0.3], np.float32)])
+    x = torch.as_tensor((3 * rng.random((n, d)) ** 4).astype(np.float32))
+    y = torch.as_tensor((rng.random(n) < 0.5).astype(np.float32))
+    return layer, x, y
+
+
+def _opacus_gradient(layer, criterion, x, y, rows, clip, noise_multiplier, seed):
+    """Opacus's clipped, noised gradient for the batch `rows` of (x, y), as training took it
+    before the closed form: hooks on the model, `DPOptimizer.pre_step` (which also steps the
+    accountant); returns the gradients and the accountant's history."""
+    dataset = TensorDataset(x, y)
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, _ = engine.make_private(
+        module=layer,
+        optimizer=torch.optim.SGD(layer.parameters(), lr=0.0),
+        data_loader=DataLoader(dataset, batch_size=len(dataset)),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=clip,
+        poisson_sampling=False,
+        noise_generator=torch.Generator().manual_seed(seed),
+    )
+    outputs = model(x[rows]).squeeze(-1)
+    (criterion(outputs, y[rows]).sum() / max(len(rows), 1)).backward()
+    assert optimizer.pre_step() and optimizer.expected_batch_size == len(dataset)
+    gradients = [p.grad.detach().clone() for p in layer.parameters()]
+    model.cleanup()
+    return gradients, engine.accountant.history
+
+
+_OPACUS_WARNINGS = (
+    "ignore:.*[Ss]ecure RNG",  # as in `train_dp_sgd`
+    "ignore:.*[Ff]ull backward hook",
+)
+
+
+@pytest.mark.filterwarnings(*_OPACUS_WARNINGS)
+@pytest.mark.parametrize("rows", ["all", "some", "none"])
+@pytest.mark.parametrize("task", ["churn", "ltv"])
+def test_the_closed_form_gives_opacus_clipped_and_noised_gradient(rows: str, task: str) -> None:
+    layer, x, y = _linear_batch()
+    criterion = adapter(task).loss()
+    selected = {"all": list(range(40)), "some": list(range(0, 40, 3)), "none": []}[rows]
+    index = torch.as_tensor(selected, dtype=torch.long)
+    step = GaussianStep(clip_norm=0.5, noise_multiplier=1.3, expected_batch_size=40)
+    generator = torch.Generator().manual_seed(11)
+    ours = private_linear_gradient(layer, criterion, x[index], y[index], step, generator)
+    theirs, history = _opacus_gradient(layer, criterion, x, y, index, 0.5, 1.3, seed=11)
+    assert history == [(1.3, 1.0, 1)]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _plain_gradient(layer, criterion, x, y) -> torch.Tensor:
+    """The batch's summed gradient without privacy, flattened over the parameters."""
+    loss = criterion(layer(x).squeeze(-1), y).sum()
+    return torch.cat([g.ravel() for g in torch.autograd.grad(loss, list(layer.parameters()))])
+
+
+def test_the_equivalence_batch_has_customers_on_both_sides_of_the_clip_norm() -> None:
+    layer, x, y = _linear_batch()
+    criterion = adapter("churn").loss()
+    norms = [
+        float(_plain_gradient(layer, criterion, x[i : i + 1], y[i : i + 1]).norm())
+        for i in range(40)
+    ]
+    assert min(norms) < 0.5 < max(norms)
+
+
+def test_one_customer_changes_the_noiseless_gradient_by_at_most_the_clip_norm() -> None:
+    layer, x, y = _linear_batch(n=30)
+    criterion = adapter("churn").loss()
+    step = GaussianStep(clip_norm=0.5, noise_multiplier=0.0, expected_batch_size=1)
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    full = torch.cat(
+        [g.ravel() for g in private_linear_gradient(layer, criterion, x, y, step, generator)]
+    )
+    assert torch.equal(generator.get_state(), state)  # no noise drawn at noise multiplier 0
+    changes = []
+    for i in range(30):
+        keep = torch.as_tensor([j for j in range(30) if j != i])
+        without = private_linear_gradient(layer, criterion, x[keep], y[keep], step, generator)
+        changes.append(float((full - torch.cat([g.ravel() for g in without])).norm()))
+    assert max(changes) <= 0.5 * (1 + 1e-5)
+    assert max(changes) == pytest.approx(0.5, rel=1e-5)  # clipped customers move it by C
+
+
+def test_a_customer_below_the_clip_norm_contributes_its_plain_gradient() -> None:
+    layer, x, y = _linear_batch(n=1)
+    criterion = adapter("churn").loss()
+    step = GaussianStep(clip_norm=100.0, noise_multiplier=0.0, expected_batch_size=1)
+    ours = private_linear_gradient(layer, criterion, x, y, step, torch.Generator())
+    torch.testing.assert_close(
+        torch.cat([g.ravel() for g in ours]), _plain_gradient(layer, criterion, x, y)
+    )
+
+
+def test_an_empty_batch_gives_the_noise_alone() -> None:
+    layer, x, y = _linear_batch()
+    step = GaussianStep(clip_norm=0.7, noise_multiplier=1.1, expected_batch_size=25)
+    empty = torch.as_tensor([], dtype=torch.long)
+    weight, bias = private_linear_gradient(
+        layer, adapter("churn").loss(), x[empty], y[empty], step, torch.Generator().manual_seed(4)
+    )
+    replay = torch.Generator().manual_seed(4)
+    torch.testing.assert_close(weight, torch.normal(0.0, 0.77, size=(1, 6), generator=replay) / 25)
+    torch.testing.assert_close(bias, torch.normal(0.0, 0.77, size=(1,), generator=replay) / 25)
+
+
+def test_a_loss_averaged_over_the_batch_is_refused() -> None:
+    layer, x, y = _linear_batch()
+    step = GaussianStep(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=40)
+    with pytest.raises(ValueError, match='reduction="none"'):
+        private_linear_gradient(layer, nn.BCEWithLogitsLoss(), x, y, step, torch.Generator())
+
+
+def test_every_task_model_has_the_closed_form_and_other_models_use_opacus() -> None:
+    assert all(has_closed_form(adapter(task).build_model(5)) for task in ("churn", "ltv"))
+    assert not has_closed_form(nn.Sequential(nn.Linear(5, 1)))
+
+
+def _trained_both_ways(x, y, training, noise_multiplier, seed):
+    """`train_dp_sgd` on a task's linear model (closed form) and on the same layer wrapped in a
+    Sequential (Opacus's hooks), from the same parameters and seed."""
+    params = initial_parameters(Job().task, x.shape[1])
+    closed = train_dp_sgd(
+        build_model(Job().task, x.shape[1]),
+        params,
+        x,
+        y,
+        training,
+        noise_multiplier,
+        (),
+        entropy_generator(seed),
+    )
+    wrapped = nn.Sequential(build_model(Job().task, x.shape[1]))
+    hooks = train_dp_sgd(
+        wrapped, params, x, y, training, noise_multiplier, (), entropy_generator(seed)
+    )
+    return closed, hooks
+
+
+def test_local_dp_sgd_trains_as_opacus_hooks_do_step_for_step() -> None:
+    x, y = _data()
+    training = Training(expected_batch_size=32, local_epochs=2, clip_norm=0.3)
+    closed, hooks = _trained_both_ways(x, y, training, 1.3, seed=1)
+    assert closed.steps == hooks.steps == 20
+    assert closed.history == hooks.history == (DpSgdEvent(1.3, 0.1, 20),)
+    for a, b in zip(closed.parameters, hooks.parameters, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert np.abs(closed.parameters[0]).sum() > 0
+
+
+def test_a_step_poisson_sampling_left_empty_is_still_noised_and_counted() -> None:
+    x, y = _data(n=9)
+    training = Training(expected_batch_size=8, local_epochs=1, momentum=0.0)  # q = 1/2, 2 steps
+    seed = 121
+    drawn = torch.rand(9, generator=entropy_generator(seed)) < 0.5  # the sampler's first draw
+    assert not drawn.any()  # the first batch is empty
+    closed, hooks = _trained_both_ways(x, y, training, 1.0, seed=seed)
+    assert closed.steps == 2 and closed.history == (DpSgdEvent(1.0, 0.5, 2),)
+    assert closed.history == hooks.history
+    for a, b in zip(closed.parameters, hooks.parameters, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 def _counting_silo_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:

@@ -238,8 +238,19 @@ def test_the_job_travels_in_an_app_without_code(directory: DeploymentDirectory) 
 
 
 def test_the_run_deadline_is_the_sum_of_the_deployments_deadlines() -> None:
-    # two training exchanges and one DP evaluation: 60 + 3 x 100 + the start-up margin
-    assert run_deadline(Job(rounds=2), connect=60.0, per_exchange=100.0) == 60 + 300 + 120
+    from federation.features import FeatureSpec, Numeric
+
+    features = FeatureSpec(
+        label="customers.y",
+        features=(Numeric(name="age", column="customers.age", lower=0.0, upper=100.0),),
+    )
+    job = Job(rounds=2, features=features)
+    # the ranges exchange, two training exchanges and one DP evaluation: 60 + 4 x 100 + margin
+    assert run_deadline(job, connect=60.0, per_exchange=100.0) == 60 + 400 + 120
+    without = job.model_copy(
+        update={"training": job.training.model_copy(update={"ranges_share": 0})}
+    )
+    assert run_deadline(without, connect=60.0, per_exchange=100.0) == 60 + 300 + 120
 
 
 def test_the_coordinator_plans_any_job_kind_from_the_enrolled_public_schemas(

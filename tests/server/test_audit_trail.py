@@ -127,6 +127,7 @@ def test_every_bu_keeps_its_own_log_which_agrees_with_the_report(run) -> None:
         entries = [json.loads(line) for line in (home / LOG_FILE).read_text().splitlines()]
         answered = [e for e in entries if e["event"] == "exchange.answered"]
         assert [(e["data"]["round"], e["data"]["phase"]) for e in answered] == [
+            (1, "ranges"),  # the feature windows' histograms, before the first training
             (1, "train"),
             (2, "train"),
             (2, "evaluate"),  # the DP evaluation follows the last round's training
@@ -256,7 +257,7 @@ def test_a_bu_checks_the_report_against_its_own_log(run, tmp_path: Path) -> None
     cli = CliRunner().invoke(app, ["audit", "compare", str(run_dir), *args])
     assert cli.exit_code == 0, cli.output
     assert "the report agrees with the BU's own log" in cli.output
-    assert compare_with_report(home, unit, run_dir).exchanges == 3
+    assert compare_with_report(home, unit, run_dir).exchanges == 4  # ranges, 2 x train, eval
 
     edited = _copy(run_dir, tmp_path)
     report["privacy"]["per_unit"][0]["epsilon"] = 1.0  # the report understates what it spent
