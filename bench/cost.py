@@ -293,9 +293,11 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
 COMPARISON_NOTE = (
     "silofed: `silofed simulate --data` end to end (fresh BU homes and consent import, every silo "
     "checked, Ray started, the rounds, the DP evaluation, the run directory and reports); Ray "
-    "places one virtual BU per core. Plain loop: the same BU pipeline, noise multipliers, Opacus "
-    "DP-SGD (same seeds), weighted average and held-out scoring in one process on one core. The "
-    "last column compares the two final models."
+    "places one virtual BU per core. Plain loop: the same BU pipeline, noise multipliers, "
+    "DP-SGD (same seeds), weighted average and held-out scoring in one process on one core. Both "
+    "run the churn job at epsilon 3 with one local epoch per round and no ranges exchange "
+    "(`bench.cost.model_job`), so that the loop repeats the arithmetic exactly. The last column "
+    "compares the two final models."
 )
 
 
@@ -440,7 +442,7 @@ def dpsgd_markdown(figures: dict[str, Any]) -> str:
         ["training", "seconds / epoch", "DP-SGD / this"],
         [
             [
-                "DP-SGD (Opacus, Poisson sampling, clipping, noise)",
+                "DP-SGD (Opacus's Poisson sampler and accountant, per-customer clipping, noise)",
                 f"{f['dp_sgd_seconds']:.4f}",
                 "",
             ],

@@ -182,8 +182,7 @@ def markdown(figures: dict[str, Any]) -> str:
             table(header, rows),
             "",
             f"Smallest mean gap to the centralised model: **{chosen}**; silofed's defaults "
-            + ("are this setting." if agrees else f"differ ({defaults}).")
-            + f" Seeds: {', '.join(str(s) for s in figures['seeds'])}.",
+            + ("are this setting." if agrees else f"differ ({defaults})."),
         ]
     )
 

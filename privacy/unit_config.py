@@ -251,6 +251,10 @@ class UnitConfig(SiloSchema):
                 f"{path}: no BU configuration file; write one (`silofed data synth` writes examples; "
                 f"see {CONFIG_DOCS})"
             ) from None
+        except UnicodeDecodeError:
+            raise ConfigurationError(
+                f"{path}: a bu.toml is UTF-8 text (TOML); fix the file."
+            ) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigurationError(f"{path}: not valid TOML ({err}); fix the file.") from None
         try:
