@@ -205,7 +205,11 @@ def _feature_ranges(record: RunRecord) -> dict | None:
             "and every BU clipped the feature to it and rescaled it to [0, 1]"
         ),
         "windows": {
-            name: {"scaled": list(window), "natural": list(natural_window(spec, name, window))}
+            name: {
+                "scaled": list(window),
+                # ten significant digits: the inverse scaling's float noise (52.00000000000001) off
+                "natural": [float(f"{v:.10g}") for v in natural_window(spec, name, window)],
+            }
             for name, window in sorted((record.feature_windows or {}).items())
         },
     }
