@@ -28,7 +28,6 @@ import hashlib
 import ipaddress
 import os
 import re
-import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
@@ -45,6 +44,7 @@ from privacy.atomic import write_atomic
 from privacy.audit import AuditLog, load_or_create_signing_key
 from privacy.errors import ConfigurationError
 from privacy.schema import SiloSchema
+from privacy.tomlfile import read_toml
 
 if TYPE_CHECKING:
     from federation.job import Job
@@ -386,12 +386,7 @@ def load_schema(path: Path) -> SiloSchema:
 
 def _load_toml(path: Path, model: type[_M], what: str, *, missing: str) -> _M:
     """Read and validate a TOML file; every error names the file and the fix."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigurationError(f"{path}: {missing}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigurationError(f"{path}: not valid TOML ({err}); fix the file.") from None
+    data = read_toml(path, what=what, missing=missing)
     try:
         return model.model_validate(data)
     except ValidationError as err:

@@ -7,7 +7,6 @@ every BU inside each round's instruction. It never carries a seed: seeds exist o
 
 from __future__ import annotations
 
-import tomllib
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -20,6 +19,7 @@ from federation.features import FeatureSpec
 from federation.queries import QuerySpec
 from federation.segments import SegmentsSpec
 from privacy.errors import ConfigurationError
+from privacy.tomlfile import read_toml
 
 
 class NoisePlacement(StrEnum):
@@ -261,21 +261,6 @@ class Job(_Frozen):
             raise ConfigurationError(f"{source}: invalid job: {problems}") from None
 
 
-MAX_JOB_FILE_BYTES = 1_000_000
-
-
 def load_job_file(path: Path) -> dict:
     """A job file's TOML as a dict; errors name the file and what is wrong with it."""
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_JOB_FILE_BYTES:
-            raise ConfigurationError(
-                f"{path}: a job file is at most {MAX_JOB_FILE_BYTES} bytes; this one is larger"
-            )
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigurationError(f"{path}: no such job file") from None
-    except UnicodeDecodeError:
-        raise ConfigurationError(f"{path}: a job file is UTF-8 text (TOML)") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigurationError(f"{path}: not valid TOML ({err})") from None
+    return read_toml(path, what="job file", missing="no such job file")

@@ -11,7 +11,6 @@ written before it validates.
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -22,6 +21,7 @@ from privacy.errors import ConfigurationError, PolicyViolation
 from privacy.pseudonyms import GENERALISATION_RULE_PATTERN
 from privacy.quality import QualityRules
 from privacy.schema import SiloSchema
+from privacy.tomlfile import read_toml
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -244,19 +244,12 @@ class UnitConfig(SiloSchema):
     def load(cls, path: Path) -> UnitConfig:
         """Read and validate a `bu.toml`; relative paths are taken from the file's directory."""
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigurationError(
-                f"{path}: no BU configuration file; write one (`silofed data synth` writes examples; "
-                f"see {CONFIG_DOCS})"
-            ) from None
-        except UnicodeDecodeError:
-            raise ConfigurationError(
-                f"{path}: a bu.toml is UTF-8 text (TOML); fix the file."
-            ) from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigurationError(f"{path}: not valid TOML ({err}); fix the file.") from None
+        data = read_toml(
+            path,
+            what="bu.toml",
+            missing="no BU configuration file; write one (`silofed data synth` writes examples; "
+            f"see {CONFIG_DOCS})",
+        )
         try:
             config = cls.model_validate(data)
         except ValidationError as err:
