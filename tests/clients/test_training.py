@@ -435,6 +435,58 @@ def test_a_unit_prepares_its_silo_once_for_the_rounds_of_a_job(
         assert lineage.runs() == ["run-1"]
 
 
+def test_the_ranges_exchange_and_training_share_one_preparation(
+    small_silos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The BU answers the ranges exchange on the declared scale, then trains on the windows the
+    next instruction carries, from the same prepared data; the release is round 0 of its ledger,
+    on the training customers, and training is calibrated after it."""
+    from federation.exchanges import RANGES_ROUND, planned_evaluation, planned_ranges
+    from federation.ranges import RANGE_BINS, histogram_vector
+    from privacy.accounting import calibrate_noise_multiplier
+    from privacy.ledger import GaussianEvent
+
+    loads = _counting_silo_loads(monkeypatch)
+    job = Job(rounds=2, features=resolve_feature_spec("churn", [unit_schema("x")]))
+    spec = job.feature_spec
+    node = _node(small_silos, tmp_path)
+    params = initial_parameters(job.task, spec.dim)
+    (vector,), _n, metrics = BusinessUnitClient(node).fit(
+        params, _instruction(Phase.RANGES, 1, job)
+    )
+    assert vector.shape == (len(spec.scalar_outputs) * RANGE_BINS,)
+    records = UnitReport.from_metrics(metrics).records_used
+    assert abs(vector.sum() - records * len(spec.scalar_outputs)) < 2000  # counts plus noise
+    windows = {name: (0.0, 0.5) for name in spec.scalar_outputs}
+    ranged = job.model_copy(update={"features": spec.model_copy(update={"ranges": windows})})
+    _params, _n, metrics = BusinessUnitClient(node).fit(
+        params, _instruction(Phase.TRAIN, 1, ranged)
+    )
+    report = UnitReport.from_metrics(metrics)
+    assert loads == ["ecommerce"]  # one preparation for both exchanges
+    assert report.releases == 1 and report.records_used == records
+    with UnitHome(node.home, UnitConfig.load(node.bu_config)).ledger() as ledger:
+        (ranges, trained) = ledger.entries(run_id="run-1")
+    assert (ranges.round, ranges.part, trained.round, trained.part) == (
+        RANGES_ROUND,
+        "train",
+        1,
+        "train",
+    )
+    assert isinstance(ranges.event, GaussianEvent)
+    expected = calibrate_noise_multiplier(
+        job.epsilon,
+        job.delta,
+        report.sample_rate,
+        trained.event.steps * job.rounds,
+        spent=planned_ranges(job),
+        holdout=planned_evaluation(job),
+    )
+    assert report.noise_multiplier == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="declared scale"):
+        histogram_vector(np.zeros((1, spec.dim)), ranged.feature_spec)
+
+
 def test_a_revocation_imported_between_rounds_reaches_the_next_round_of_a_unit(
     small_silos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
