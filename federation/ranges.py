@@ -13,9 +13,11 @@ of its training customers' values over `RANGE_BINS` equal bins of the unit inter
 noise (one customer adds one count to each feature's histogram: L2 sensitivity
 sqrt(scalar features)). The coordinator sums the histograms, zeroes every bin whose sum is not
 clearly above the noise (`NOISE_FLOOR` standard deviations), and reads the `RANGE_QUANTILES` off
-the rest, widened by a margin (the floor trims thin tails). Each feature is then clipped to its
-window and rescaled to [0, 1] (`FeatureSpec.ranges`): a public, DP-derived transformation, applied
-the same way in every BU and in the saved model.
+the rest, widened by a margin (the floor trims thin tails). A window that could clip more than
+`CLIPPED_SHARE` of the BUs' training customers is not taken (the floor can drop customers spread
+thinly over many bins as well). Each feature is then clipped to its window and rescaled to [0, 1]
+(`FeatureSpec.ranges`): a public, DP-derived transformation, applied the same way in every BU and
+in the saved model.
 
 One pass of fine bins resolves the narrow features as well as a coarse pass followed by a fine
 pass within its window, at the same budget (on bank marketing, every window within 1.4x of the
