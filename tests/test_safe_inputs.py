@@ -145,3 +145,67 @@ def test_an_instruction_holding_a_pickle_is_refused(marker, payload) -> None:
         marker,
         "no valid silofed report",
     )
+
+
+PACKAGES = ("federation", "clients", "server", "privacy", "simulations", "bench")
+UNSAFE_MODULES = {"pickle", "cPickle", "dill", "cloudpickle", "shelve", "marshal", "joblib"}
+UNSAFE_CALLS = {"read_pickle", "to_pickle"}
+
+
+def _unsafe_uses(source: str, where: str) -> list[str]:
+    """What in `source` could unpickle: an import of a pickling module, a pandas pickle call,
+    `allow_pickle=True`, a `torch.load` without `weights_only=True`."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source, filename=where)):
+        if isinstance(node, ast.Import):
+            names = {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names = {(node.module or "").split(".")[0]}
+        else:
+            names = set()
+        found += [f"{where}:{node.lineno} imports {n}" for n in sorted(names & UNSAFE_MODULES)]
+        if not isinstance(node, ast.Call):
+            continue
+        name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+        keywords = {k.arg: k.value for k in node.keywords}
+        if name in UNSAFE_CALLS:
+            found.append(f"{where}:{node.lineno} calls {name}")
+        allow = keywords.get("allow_pickle")
+        if isinstance(allow, ast.Constant) and allow.value is True:
+            found.append(f"{where}:{node.lineno} passes allow_pickle=True")
+        owner = getattr(node.func, "value", None)
+        if name == "load" and getattr(owner, "id", None) == "torch":
+            weights = keywords.get("weights_only")
+            if not (isinstance(weights, ast.Constant) and weights.value is True):
+                found.append(f"{where}:{node.lineno} calls torch.load without weights_only")
+    return found
+
+
+def test_the_unpickling_check_finds_each_kind() -> None:
+    source = (
+        "import pickle\nfrom dill import loads\nimport torch\nm = torch.load(p)\n"
+        "a = np.load(p, allow_pickle=True)\nf = pd.read_pickle(p)\n"
+        "ok = torch.load(p, weights_only=True)\n"
+    )
+    assert _unsafe_uses(source, "x.py") == [
+        "x.py:1 imports pickle",
+        "x.py:2 imports dill",
+        "x.py:4 calls torch.load without weights_only",
+        "x.py:5 passes allow_pickle=True",
+        "x.py:6 calls read_pickle",
+    ]
+
+
+def test_no_package_module_can_unpickle() -> None:
+    """Every module of silofed's packages, parsed: nothing that could unpickle."""
+    root = Path(__file__).resolve().parents[1]
+    files = [f for package in PACKAGES for f in sorted((root / package).rglob("*.py"))]
+    assert len(files) > 50
+    found = [
+        use
+        for path in files
+        for use in _unsafe_uses(path.read_text(encoding="utf-8"), str(path.relative_to(root)))
+    ]
+    assert not found, found
