@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +58,8 @@ def _validation_only(tuning: list[PreparedUnit], final: list[PreparedUnit]) -> l
         validation = FeatureMatrix(
             unit.test.customer_ids[keep], unit.test.features[keep], unit.test.labels[keep]
         )
-        out.append(_replace_test(unit, validation))
+        out.append(replace(unit, test=validation))
     return out
-
-
-def _replace_test(unit: PreparedUnit, test: FeatureMatrix) -> PreparedUnit:
-    from dataclasses import replace
-
-    return replace(unit, test=test)
 
 
 def tune(dataset: DataSet, candidates: tuple[dict[str, Any], ...], seeds: tuple[int, ...]):

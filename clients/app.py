@@ -307,6 +307,11 @@ class BusinessUnitClient(NumPyClient):
                             f"'{job.purpose}'; it takes no part in this run"
                         )
                     if phase is Phase.RANGES:
+                        if job.feature_spec.ranges:
+                            raise RunFailed(
+                                "the ranges exchange came with feature windows already set; the "
+                                "histograms are taken on the declared scale, once per run"
+                            )
                         # the training customers only: the release composes with training
                         vector = histogram_vector(prepared.train.features, job.feature_spec)
                         reply = self._release(

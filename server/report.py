@@ -210,7 +210,7 @@ def _feature_ranges(record: RunRecord) -> dict | None:
                 # ten significant digits: the inverse scaling's float noise (52.00000000000001) off
                 "natural": [float(f"{v:.10g}") for v in natural_window(spec, name, window)],
             }
-            for name, window in sorted((record.feature_windows or {}).items())
+            for name, window in sorted(spec.ranges.items())
         },
     }
 

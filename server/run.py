@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+from federation.features import FeatureSpec
 from federation.job import Job
 from federation.wire import UnitReport
 from privacy.audit import AuditLog
@@ -60,7 +61,6 @@ class RunRecord:
     audit: AuditLog | None = None  # the run's audit log, written as the run goes
     evaluation: dict | None = None  # the DP evaluation: metrics, curves, intervals
     results: dict | None = None  # a query's answers or the segments (results.json)
-    feature_windows: dict[str, tuple[float, float]] | None = None  # from the ranges exchange
     _pending_epsilon: dict[str, float] = field(default_factory=dict)
     _pending_metrics: dict[str, float] = field(default_factory=dict)
 
@@ -75,11 +75,8 @@ class RunRecord:
         """The ranges exchange: the feature windows read off the BUs' noisy histograms become
         part of the job (every later exchange, and the saved model, applies them)."""
         self.record_training(reports)
-        self.feature_windows = dict(windows)
         job = self.plan.job
-        features = job.feature_spec.model_validate(
-            {**job.feature_spec.model_dump(), "ranges": windows}
-        )
+        features = FeatureSpec.model_validate({**job.feature_spec.model_dump(), "ranges": windows})
         self.plan = replace(self.plan, job=job.model_copy(update={"features": features}))
         if self.audit is not None:
             self.audit.append(
