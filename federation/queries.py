@@ -59,6 +59,7 @@ PURCHASE_CHANNEL = "transactions.channel"
 SIGNUP_DATE = "customers.signup_date"
 DEFAULT_LOOKBACK_DAYS = 365
 _GRID_STEPS = 1000  # default granularity: about (upper - lower) / 1000, on a 1-2-5 grid
+_EXACT = 2**53  # the largest count or number of days that stays exact as a float, as noise uses it
 _COLUMN = r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$"
 _NAME = r"^[a-z][a-z0-9_]*$"
 _MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
@@ -288,8 +289,8 @@ class _Scoped(_Aggregate):
     rows: str | None = None
     where: tuple[Condition, ...] = ()
     group_by: tuple[GroupKey, ...] | None = None
-    max_groups: int | None = Field(None, ge=1)
-    max_rows: int | None = Field(None, ge=1)
+    max_groups: int | None = Field(None, ge=1, le=_EXACT)
+    max_rows: int | None = Field(None, ge=1, le=_EXACT)
 
 
 class Count(_Scoped):
@@ -313,8 +314,25 @@ class _Bounded(_Scoped):
     def _bounds_are_ordered(self) -> _Bounded:
         if (self.lower is None) != (self.upper is None):
             raise ValueError(f"'{self.name}': declare both 'lower' and 'upper', or neither")
-        if self.lower is not None and not self.lower < self.upper:  # type: ignore[operator]
+        if self.lower is None or self.upper is None:
+            return self
+        if not self.lower < self.upper:
             raise ValueError(f"'{self.name}': 'lower' must be below 'upper'")
+        # Values are rounded to a grid between the bounds: a span that overflows to infinity, or a
+        # default step that underflows to zero, leaves no grid, and so does a declared step too
+        # fine for the bounds to be counted in steps.
+        step = (self.upper - self.lower) / _GRID_STEPS
+        if not (math.isfinite(step) and step > 0):
+            raise ValueError(
+                f"'{self.name}': 'lower' and 'upper' must be finite, with room for a grid between "
+                f"them: [{self.lower:g}, {self.upper:g}]"
+            )
+        grid = self.grid
+        if not (grid > 0 and math.isfinite(max(abs(self.lower), abs(self.upper)) / grid)):
+            raise ValueError(
+                f"'{self.name}': granularity {grid:g} is too fine for the bounds "
+                f"[{self.lower:g}, {self.upper:g}]; choose a coarser one"
+            )
         return self
 
     @property
@@ -494,10 +512,10 @@ class QuerySpec(_Frozen):
     rows: str = CUSTOMERS
     where: tuple[Condition, ...] = ()
     group_by: tuple[GroupKey, ...] = ()
-    max_groups: int = Field(1, ge=1)
-    max_rows: int = Field(1, ge=1)
+    max_groups: int = Field(1, ge=1, le=_EXACT)
+    max_rows: int = Field(1, ge=1, le=_EXACT)
     observation_date: datetime | None = None
-    lookback_days: int | None = Field(None, ge=1)
+    lookback_days: int | None = Field(None, ge=1, le=_EXACT)
     aggregates: tuple[Aggregate, ...] = Field(min_length=1)
     chart: Chart | None = None
     recipe: str | None = None
@@ -964,6 +982,12 @@ def _derived_bounds(column: str, spec: QuerySpec, configs: Sequence[SiloSchema])
     if column == "derived.tenure_days" and spec.observation_date is not None:
         signup = declared_bounds(SIGNUP_DATE, configs)
         if signup is not None:
+            if (spec.observation_date.tzinfo is None) != (signup[0].tzinfo is None):
+                raise ConfigurationError(
+                    f"observation_date {spec.observation_date.isoformat()} and the declared "
+                    f"bounds of '{SIGNUP_DATE}' ({signup[0].isoformat()}) must both carry a UTC "
+                    "offset or both not; write observation_date as the BUs' schemas do"
+                )
             return 0.0, float((spec.observation_date - signup[0]).days)
     if column in DERIVED_COLUMNS:
         return None

@@ -65,6 +65,11 @@ RFM_COLUMNS = {
 SEGMENTS = 5
 FREQUENCY_UPPER = 52.0  # purchases a year: the cap the churn task's features use
 QUINTILES = (0.2, 0.4, 0.6, 0.8)
+# The most bins (or months) a parameter makes a recipe build for one histogram or group key: ten
+# times the finest real use (1,000 bins per quantile histogram), and a bound on the time and memory
+# building the query takes, since `resolution`, `frequency_upper`, `cohorts` and `months` size it.
+MAX_BINS = 10_000
+_FIRST_MONTH, _LAST_MONTH = 1 * 12, 9999 * 12 + 11  # January of year 1, December of 9999
 
 
 class Stage(BaseModel):
@@ -212,8 +217,8 @@ def rfm_quantiles(
     purpose: str = ANALYTICS_PURPOSE,
     units: tuple[str, ...] = (),
     lookback_days: int = Field(365, ge=1),
-    frequency_upper: float = Field(FREQUENCY_UPPER, gt=0),
-    resolution: int = Field(100, ge=2),
+    frequency_upper: float = Field(FREQUENCY_UPPER, gt=0, le=MAX_BINS),
+    resolution: int = Field(100, ge=2, le=MAX_BINS),
     probabilities: tuple[float, ...] = QUINTILES,
 ) -> QuerySpec:
     """DP quintiles (by default) of recency, frequency and monetary, each read off one histogram
@@ -357,8 +362,8 @@ def cohort_retention(
     purpose: str = ANALYTICS_PURPOSE,
     units: tuple[str, ...] = (),
     first_cohort: str | None = Field(None, pattern=r"^\d{4}-(0[1-9]|1[0-2])$"),
-    cohorts: int = Field(12, ge=1),
-    months: int = Field(12, ge=1),
+    cohorts: int = Field(12, ge=1, le=MAX_BINS),
+    months: int = Field(12, ge=1, le=MAX_BINS),
 ) -> QuerySpec:
     """The retention matrix: per signup month (`cohorts` of them from `first_cohort`, by default
     the month the transactions' declared period starts) and month since signup (0 to
@@ -376,6 +381,11 @@ def cohort_retention(
     year, month = (int(part) for part in first_cohort.split("-"))
     start = year * 12 + month - 1
     last = start + cohorts - 1
+    if start < _FIRST_MONTH or last > _LAST_MONTH:
+        raise ConfigurationError(
+            f"cohort_retention: {cohorts} cohorts from {first_cohort} leave the calendar (years "
+            "1 to 9999); choose another first_cohort or fewer cohorts"
+        )
     cohort = GroupKey(
         column="derived.signup_month",
         domain=months_between(_month(start), _month(last)),

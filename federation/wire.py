@@ -4,21 +4,103 @@ Every round is a Flower *train* message (the only kind Flower's SecAgg+ covers),
 for: a phase tells the BU whether to train or to evaluate. The instruction travels in the message's
 config, the BU's answer as parameters plus one metrics entry holding a typed report. Both sides turn
 these dicts into typed objects on the first line and never pass the dicts on.
+
+Whatever arrives is the other side's: every field is refused unread when it is larger than its
+limit (`MAX_JOB_BYTES`, `MAX_REPORT_BYTES`, `MAX_NAME_BYTES`), so the work a message causes is
+bounded whatever its size, and every way it can fail to parse (missing, wrong type, not JSON,
+nested deeper than pydantic's JSON parser allows, invalid) is a `RunFailed` naming the field.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from federation.job import Job
+from federation.queries import validation_problems
 from privacy.errors import RunFailed
 
 _PREFIX = "silofed."
+
+MAX_JOB_BYTES = 4_000_000
+"""The most a job may weigh as JSON in an instruction. Resolved jobs for eight synthetic BUs weigh
+1 to 10 kB (the largest: an `rfm_quantiles` query at 1,000 bins per histogram; a 120 x 120 cohort
+retention matrix weighs 5 kB); a job file is at most `MAX_TOML_BYTES` (1 MB), and resolving it adds
+only the BUs' declared domains and bounds. Four times a job file's limit leaves room for any real
+job while bounding what one message makes a BU parse."""
+
+MAX_REPORT_BYTES = 4_000_000
+"""The most a BU's report or refusal may weigh as JSON in a reply. A synthetic BU's report weighs
+3 kB for its 15 declared columns, about 200 bytes a column (its name, its quality counts): 4 MB
+holds a BU declaring some 20,000 columns, beyond any real silo."""
+
+MAX_NAME_BYTES = 1_000
+"""The most a name or a time in a message may weigh: a phase, a run id, an ISO timestamp or a BU's
+name takes tens of bytes. (Numbers travel as integers, bounded by their protobuf type.)"""
+
+# What parsing a malformed value raises: a wrong type or value (pydantic's ValidationError, with
+# JSON nested too deeply among its causes, is a ValueError), and whatever a validator raises on a
+# value it did not expect (a before-validator reading an attribute of what is not a table).
+_MALFORMED = (ValueError, TypeError, AttributeError)
+
+_T = TypeVar("_T")
+
+
+def _size_checked(value: _T, *, field: str, limit: int, what: str) -> _T:
+    """`value` itself, refused unread when it is text or bytes of more than `limit` bytes."""
+    if isinstance(value, str):
+        # A character takes at least one byte of UTF-8: the length alone refuses a huge string
+        # without encoding it, and only a short one is encoded to be measured exactly.
+        size = len(value) if len(value) > limit else len(value.encode("utf-8", "surrogatepass"))
+    elif isinstance(value, bytes | bytearray):
+        size = len(value)
+    else:
+        return value  # not text: its parser refuses the type
+    if size > limit:
+        raise RunFailed(
+            f"{what} ({field}: more than {limit:,} bytes, at least {size:,}; refused unread)"
+        )
+    return value
+
+
+def _parsed(
+    message: Mapping,
+    field: str,
+    parse: Callable[[object], _T],
+    *,
+    limit: int,
+    what: str,
+    default: object = None,
+) -> _T:
+    """`parse` of `message[field]` (or of `default` when given and the field is absent), after the
+    size check; a missing or malformed value is a RunFailed starting with `what` and naming the
+    field."""
+    if field not in message and default is None:
+        raise RunFailed(f"{what} ({field} is missing)")
+    value = _size_checked(message.get(field, default), field=field, limit=limit, what=what)
+    try:
+        return parse(value)
+    except _MALFORMED as err:
+        problem = validation_problems(err) if isinstance(err, ValidationError) else str(err)
+        raise RunFailed(f"{what} ({field}: {problem})") from None
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{type(value).__name__}, not text")
+    return value
+
+
+def _integer(value: object) -> int:
+    """An integer field; int() would also read "12" or 1.5 or True as one."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{type(value).__name__}, not an integer")
+    return value
 
 
 class Phase(StrEnum):
@@ -54,21 +136,31 @@ class Instruction:
 
     @classmethod
     def from_config(cls, config: dict) -> Instruction:
+        what = "the coordinator's instruction is not a silofed instruction"
+
+        def field(name: str, parse: Callable[[object], _T], **kw) -> _T:
+            return _parsed(config, _PREFIX + name, parse, limit=MAX_NAME_BYTES, what=what, **kw)
+
         try:
-            seed = int(config[_PREFIX + "seed"])
+            seed = field("seed", _integer)
             return cls(
-                phase=Phase(config[_PREFIX + "phase"]),
-                server_round=int(config[_PREFIX + "round"]),
-                run_id=str(config[_PREFIX + "run_id"]),
-                started_at=datetime.fromisoformat(str(config[_PREFIX + "started_at"])),
-                job=Job.model_validate_json(config[_PREFIX + "job"]),
+                phase=field("phase", lambda v: Phase(_text(v))),
+                server_round=field("round", _integer),
+                run_id=field("run_id", _text),
+                started_at=field("started_at", lambda v: datetime.fromisoformat(_text(v))),
+                job=_parsed(
+                    config,
+                    _PREFIX + "job",
+                    Job.model_validate_json,
+                    limit=MAX_JOB_BYTES,
+                    what=what,
+                ),
                 seed=None if seed < 0 else seed,
-                units=int(config.get(_PREFIX + "units", 0)),
+                units=field("units", _integer, default=0),
             )
-        except (KeyError, ValueError, ValidationError) as err:
+        except RunFailed as err:
             raise RunFailed(
-                f"the coordinator's instruction is not a silofed instruction ({err}); "
-                "this client only serves silofed's ServerApp (server.app:app)"
+                f"{err}; this client only serves silofed's ServerApp (server.app:app)"
             ) from None
 
 
@@ -158,10 +250,13 @@ class UnitReport(BaseModel):
 
     @classmethod
     def from_metrics(cls, metrics: dict) -> UnitReport:
-        try:
-            return cls.model_validate_json(metrics[cls.KEY])
-        except (KeyError, ValidationError) as err:
-            raise RunFailed(f"a BU's reply carries no valid silofed report ({err})") from None
+        return _parsed(
+            metrics,
+            cls.KEY,
+            cls.model_validate_json,
+            limit=MAX_REPORT_BYTES,
+            what="a BU's reply carries no valid silofed report",
+        )
 
 
 UNIT_KEY = _PREFIX + "unit"
@@ -170,7 +265,9 @@ UNIT_KEY = _PREFIX + "unit"
 def unit_of(metrics: dict) -> str:
     """The BU name an evaluation reply carries."""
     if UNIT_KEY in metrics:
-        return str(metrics[UNIT_KEY])
+        return _parsed(
+            metrics, UNIT_KEY, _text, limit=MAX_NAME_BYTES, what="a BU's reply names no valid BU"
+        )
     return UnitReport.from_metrics(metrics).unit
 
 
@@ -190,4 +287,10 @@ class Refusal(BaseModel):
 def refusal_of(metrics: dict) -> Refusal | None:
     if Refusal.KEY not in metrics:
         return None
-    return Refusal.model_validate_json(metrics[Refusal.KEY])
+    return _parsed(
+        metrics,
+        Refusal.KEY,
+        Refusal.model_validate_json,
+        limit=MAX_REPORT_BYTES,
+        what="a BU's refusal is not a silofed refusal",
+    )
