@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from opacus import PrivacyEngine
@@ -14,7 +19,8 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from clients.app import BusinessUnitClient, Node
+import clients.app
+from clients.app import RACY_WINDOW_NS, BusinessUnitClient, Node, _content_digest, _FileIdentity
 from clients.steward import prepare_simulated_home
 from clients.training import (
     GaussianStep,
@@ -516,3 +522,123 @@ def test_a_revocation_imported_between_rounds_reaches_the_next_round_of_a_unit(
     assert loads == ["ecommerce", "ecommerce"]  # the registry changed: prepared anew
     assert second.excluded["revoked"] == first.excluded["revoked"] + 1
     assert second.records_used + second.records_test == first.records_used + first.records_test - 1
+
+
+def _aged(directory: Path, seconds: int = 3600) -> None:
+    """Every file under `directory` last modified `seconds` ago: outside the racy window, so
+    that their digests are kept and reused."""
+    old = time.time_ns() - seconds * 1_000_000_000
+    for path in directory.rglob("*"):
+        if path.is_file():
+            os.utime(path, ns=(old, old))
+
+
+def test_a_silo_file_edited_between_rounds_is_prepared_anew(
+    small_silos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads = _counting_silo_loads(monkeypatch)
+    shutil.copytree(small_silos / "ecommerce", tmp_path / "silos" / "ecommerce")
+    node = _node(tmp_path / "silos", tmp_path)
+    _aged(tmp_path)  # the silo and the consent registry: digests kept from round 1 on
+    job = Job(rounds=3, features=resolve_feature_spec("churn", [unit_schema("x")]))
+    params = initial_parameters(job.task, job.feature_spec.dim)
+    reports = []
+    for server_round in (1, 2, 3):
+        if server_round == 3:
+            customers = tmp_path / "silos" / "ecommerce" / "customers.parquet"
+            frame = pd.read_parquet(customers)
+            frame.iloc[20:].to_parquet(customers)  # the steward deletes 20 customers
+        params, _n, metrics = BusinessUnitClient(node).fit(
+            params, _instruction(Phase.TRAIN, server_round, job)
+        )
+        reports.append(UnitReport.from_metrics(metrics))
+    assert loads == ["ecommerce", "ecommerce"]  # round 2 reused round 1's preparation
+    first, second, third = reports
+    assert first.records_used + first.records_test == second.records_used + second.records_test
+    assert third.records_used + third.records_test < first.records_used + first.records_test
+
+
+def _coarse_identity(path: Path):
+    """The identity a file system with 2-second timestamps and no separate status-change time
+    (FAT) gives: a rewrite of the same size in the same tick leaves it unchanged."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    tick = status.st_mtime_ns // 2_000_000_000 * 2_000_000_000
+    return _FileIdentity(status.st_dev, status.st_ino, status.st_size, tick, tick)
+
+
+def _counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    reads: list[Path] = []
+    real = Path.read_bytes
+
+    def counted(path: Path) -> bytes:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", counted)
+    return reads
+
+
+def test_a_same_size_rewrite_in_the_racy_window_is_detected_on_coarse_timestamps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(clients.app, "_file_identity", _coarse_identity)
+    reads = _counting_reads(monkeypatch)
+    path = tmp_path / "customers.csv"
+    written = 1_700_000_000 * 1_000_000_000  # on a 2-second tick
+
+    def write(text: bytes) -> bytes:
+        path.write_bytes(text)
+        os.utime(path, ns=(written, written))
+        return hashlib.blake2b(text, digest_size=32).digest()
+
+    first = write(b"id,spend\n1,10\n")
+    assert _content_digest(path, now_ns=written + RACY_WINDOW_NS // 2) == first
+    second = write(b"id,spend\n1,99\n")  # same size, same tick: the identity is unchanged
+    assert _content_digest(path, now_ns=written + RACY_WINDOW_NS - 1) == second != first
+    assert _content_digest(path, now_ns=written + RACY_WINDOW_NS + 1) == second  # now kept
+    assert _content_digest(path, now_ns=written + 2 * RACY_WINDOW_NS) == second
+    assert reads == [path, path, path]  # the last check trusted the identity taken outside
+
+
+def test_a_rewrite_with_its_modification_time_set_back_is_detected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = _counting_reads(monkeypatch)
+    path = tmp_path / "customers.csv"
+    path.write_bytes(b"id,spend\n1,10\n")
+    _aged(tmp_path)
+    old = path.stat().st_mtime_ns
+    now = old + 3600 * 1_000_000_000
+    assert _content_digest(path, now_ns=now) == _content_digest(path, now_ns=now)
+    assert len(reads) == 1  # digested once, outside the racy window: kept
+    path.write_bytes(b"id,spend\n1,99\n")
+    os.utime(path, ns=(old, old))  # size and modification time as before; not the status change
+    assert (
+        _content_digest(path, now_ns=now)
+        == hashlib.blake2b(b"id,spend\n1,99\n", digest_size=32).digest()
+    )
+    assert len(reads) == 2
+    path.unlink()
+    assert _content_digest(path, now_ns=now) == b"\0absent"
+
+
+def test_a_policy_edited_in_bu_toml_between_rounds_applies_to_the_next_round(
+    small_silos: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(small_silos / "ecommerce", tmp_path / "silos" / "ecommerce")
+    node = _node(tmp_path / "silos", tmp_path)
+    _aged(tmp_path)  # bu.toml settled: its parsed configuration is kept after round 1
+    job = Job(rounds=2, features=resolve_feature_spec("churn", [unit_schema("x")]))
+    params = initial_parameters(job.task, job.feature_spec.dim)
+    params, _n, metrics = BusinessUnitClient(node).fit(params, _instruction(Phase.TRAIN, 1, job))
+    assert refusal_of(metrics) is None
+    text = node.bu_config.read_text()
+    assert "[privacy]\nmax_delta = 1e-05\n" in text
+    node.bu_config.write_text(
+        text.replace("[privacy]\n", f"[privacy]\nmax_epsilon_per_run = {job.epsilon / 2}\n")
+    )
+    _params, _n, metrics = BusinessUnitClient(node).fit(params, _instruction(Phase.TRAIN, 2, job))
+    assert f"accepts at most epsilon {job.epsilon / 2} per run" in refusal_of(metrics).reason
