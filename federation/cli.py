@@ -144,12 +144,23 @@ def simulate(
             help="model evaluation: dp (default; DP score histograms) or exact (not DP, development only)"
         ),
     ] = None,
+    aggregation: Annotated[
+        str | None,
+        typer.Option(
+            help="how updates are combined: mean (default, FedAvg), trimmed-mean, median or krum"
+        ),
+    ] = None,
     fault: Annotated[
         list[str] | None,
         typer.Option(
-            help="inject a fault KIND:BU:ROUND (repeatable; BU by name or 0-based index); kinds: crash"
+            help="inject a fault KIND:BU:ROUND (repeatable; BU by name or 0-based index); kinds: "
+            "crash, timeout, nan, shape, dtype, inflated-weight, sign-flip, scaled"
         ),
     ] = None,
+    round_timeout: Annotated[
+        float,
+        typer.Option(help="seconds each exchange waits for the BUs' replies", min=1.0),
+    ] = 1800.0,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
@@ -172,6 +183,7 @@ def simulate(
             "secure_aggregation": secure_aggregation,
             "noise": noise,
             "evaluation": {"mode": evaluation} if evaluation is not None else None,
+            "aggregation": {"rule": aggregation} if aggregation is not None else None,
         },
     )
     settings = SimulationSettings(
@@ -183,6 +195,7 @@ def simulate(
         homes=homes,
         encrypt_at_rest=encrypt_at_rest,
         faults=tuple(fault or ()),
+        round_timeout=round_timeout,
         overwrite=overwrite,
         verbose=verbose,
     )

@@ -369,8 +369,9 @@ def check_deployable(job: Job) -> Job:
 
 def public_schema(config: SiloSchema) -> dict:
     """The part of a BU's configuration the coordinator needs to plan a job: its name, tables,
-    columns and purposes. The data source, home, keys and privacy policy stay with the BU."""
-    fields = ("schema_version", "unit", "jurisdictions", "tables", "purposes")
+    columns and purposes, and its declared size bound. The data source, home, keys and privacy
+    policy stay with the BU."""
+    fields = ("schema_version", "unit", "jurisdictions", "tables", "purposes", "max_customers")
     schema = config.model_dump(mode="json", include=set(fields), exclude_none=True)
     for name, table in schema["tables"].items():
         # where the BU keeps the table (a file name, an SQL query) is the BU's business

@@ -108,6 +108,34 @@ class SecureAggregation(_Frozen):
     )
 
 
+class AggregationRule(StrEnum):
+    MEAN = "mean"  # FedAvg: the weighted mean
+    TRIMMED_MEAN = "trimmed-mean"  # Flower's FedTrimmedAvg (Yin et al. 2018)
+    MEDIAN = "median"  # Flower's FedMedian: the coordinate-wise median
+    KRUM = "krum"  # Flower's Krum (Blanchard et al. 2017)
+
+
+class Aggregation(_Frozen):
+    """How the coordinator combines the BUs' model updates, and how many valid replies an exchange
+    needs.
+
+    Every reply is validated before it is combined (finite values, the model's shapes and dtypes,
+    a weight within the BU's declared size); an exchange continues with the valid replies of at
+    least `quorum` of the BUs taking part, and the run stops otherwise. The robust rules bound
+    what a few BUs sending hostile but well-formed updates can do: `trimmed-mean` drops the
+    `trim` share of values at each end of every coordinate, `median` takes the coordinate-wise
+    median, and `krum` keeps the update closest to its neighbours, tolerating `byzantine` BUs.
+    They need each BU's update, so they exclude secure aggregation, and the noise must be each
+    BU's own (local): the central and distributed calibrations hold for a sum only."""
+
+    rule: AggregationRule = AggregationRule.MEAN
+    trim: float = Field(0.2, gt=0, lt=0.5, description="trimmed-mean: share cut at each end")
+    byzantine: int = Field(1, ge=0, description="krum: BUs it tolerates sending hostile updates")
+    quorum: float = Field(
+        0.5, gt=0, le=1, description="share of the BUs taking part whose valid replies must arrive"
+    )
+
+
 class QueryRecipe(BaseModel):
     """A query by recipe name (`federation.recipes`) and its parameters, expanded into a full query
     spec by the coordinator from the silos' declared bounds and domains."""
@@ -129,6 +157,7 @@ class Job(_Frozen):
     training: Training = Training()
     evaluation: Evaluation = Evaluation()
     secure_aggregation: SecureAggregation = SecureAggregation()
+    aggregation: Aggregation = Aggregation()
     noise: NoisePlacement = NoisePlacement.LOCAL
     consent_as_of: datetime | None = Field(
         None, description="consent is evaluated as of this time; the job's start when empty"
@@ -153,13 +182,11 @@ class Job(_Frozen):
         if not data.get("purpose"):
             query = data.get("query")
             if kind == JobKind.QUERY and query is not None:
-                data["purpose"] = query.get("purpose") if isinstance(query, dict) else query.purpose
+                data["purpose"] = _section_value(query, "purpose", "")
             elif kind == JobKind.SEGMENTS:
                 segments = data["segments"]
-                data["purpose"] = (
-                    segments.get("purpose", SegmentsSpec.model_fields["purpose"].default)
-                    if isinstance(segments, dict)
-                    else segments.purpose
+                data["purpose"] = _section_value(
+                    segments, "purpose", SegmentsSpec.model_fields["purpose"].default
                 )
             else:
                 try:
@@ -171,10 +198,8 @@ class Job(_Frozen):
             data["rounds"] = (
                 1
                 if kind == JobKind.QUERY
-                else (
-                    segments.get("iterations", SegmentsSpec.model_fields["iterations"].default)
-                    if isinstance(segments, dict)
-                    else segments.iterations
+                else _section_value(
+                    segments, "iterations", SegmentsSpec.model_fields["iterations"].default
                 )
             )
         return data
@@ -211,6 +236,24 @@ class Job(_Frozen):
                 f"noise = '{self.noise}' needs secure_aggregation: a BU's clipped update is not "
                 "private on its own and must reach the coordinator only as a sum "
                 "(add --secure-aggregation)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _robust_rules_need_each_update(self) -> Job:
+        rule = self.aggregation.rule
+        if rule is AggregationRule.MEAN:
+            return self
+        if self.kind is not JobKind.MODEL:
+            raise ValueError(
+                f"aggregation.rule = '{rule}' combines model updates; a {self.kind} job sums "
+                "statistics. Drop aggregation.rule"
+            )
+        if self.secure_aggregation.enabled:
+            raise ValueError(
+                f"aggregation.rule = '{rule}' needs each BU's update, and secure aggregation "
+                "shows the coordinator only their sum; use rule = 'mean' or turn secure "
+                "aggregation off"
             )
         return self
 
@@ -259,6 +302,16 @@ class Job(_Frozen):
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
             )
             raise ConfigurationError(f"{source}: invalid job: {problems}") from None
+
+
+def _section_value(section: object, name: str, default: object) -> object:
+    """A key of a [query] or [segments] section, given as a table or as a spec; anything else
+    gives `default` and is named by the section's own validation."""
+    if isinstance(section, dict):
+        return section.get(name, default)
+    if isinstance(section, BaseModel):
+        return getattr(section, name, default)
+    return default
 
 
 def load_job_file(path: Path) -> dict:

@@ -192,6 +192,12 @@ class SiloSchema(_Frozen):
     jurisdictions: tuple[Jurisdiction, ...] = (Jurisdiction.GDPR,)
     tables: dict[str, TableSpec]
     purposes: dict[str, PurposePolicy] = {}
+    max_customers: int | None = Field(
+        None,
+        ge=1,
+        description="the most customers the silo holds: public, and the largest weight the "
+        "coordinator accepts in this BU's replies",
+    )
 
     @model_validator(mode="after")
     def _policies_are_allowed(self) -> SiloSchema:

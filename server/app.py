@@ -21,7 +21,6 @@ import torch
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.strategy import FedAvg
 from flwr.serverapp import Grid, ServerApp
 
 from federation.deployment import DeploymentDirectory, check_deployable
@@ -38,6 +37,7 @@ from privacy.atomic import write_atomic
 from privacy.errors import ConfigurationError, SilofedError
 from privacy.samplers import SecureSource, SeededSource
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
+from server.aggregation import declared_sizes, model_strategy
 from server.artefacts import new_run_id, publish, staging_dir
 from server.audit_trail import (
     PUBLIC_KEY_FILE,
@@ -55,18 +55,21 @@ from server.strategy import FederatedRounds, no_fit_metrics
 from server.workflow import DeadlineGrid, RoundsWorkflow
 
 
-def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
-    record = RunRecord(plan)
-    record.audit = open_run_log(plan)
+def coordinator_strategy(record: RunRecord) -> FederatedRounds:
+    """The strategy of a run: the job's aggregation rule over every BU's validated reply, with the
+    coordinator's noise under the central placement (or the BUs' noise shares, distributed)."""
+    plan = record.plan
     units = plan.expected_units
-    inner = FedAvg(
+    job = plan.job
+    inner = model_strategy(
+        job.aggregation,
+        units,
         fraction_fit=1.0,
         fraction_evaluate=0.0,
         min_fit_clients=units,
         min_available_clients=units,
         fit_metrics_aggregation_fn=no_fit_metrics,
     )
-    job = plan.job
     if job.noise is NoisePlacement.DISTRIBUTED:
         inner = AppliedUpdates(inner)  # the BUs' noise shares are inside the secure sum
     elif job.noise is NoisePlacement.CENTRAL:
@@ -83,7 +86,14 @@ def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
             ),
             source=source,
         )
-    strategy = FederatedRounds(inner, record)
+    return FederatedRounds(inner, record)
+
+
+def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
+    record = RunRecord(plan)
+    record.audit = open_run_log(plan)
+    units = plan.expected_units
+    strategy = coordinator_strategy(record)
     legacy = LegacyContext(
         context=context,
         config=ServerConfig(num_rounds=exchange_rounds(plan.job)),
@@ -165,6 +175,7 @@ def plan_from_run_config(context: Context) -> RunPlan:
         mode="simulation",
         out=Path(str(config.get("out", "")) or f"runs/{run_id}"),
         started_at=datetime.now(UTC),
+        max_customers=declared_sizes(schemas),
     )
 
 
@@ -183,9 +194,10 @@ def deployment_plan(config) -> RunPlan:
         raise ConfigurationError(
             f"the submitted job is not JSON ({err}); submit jobs with `silofed run JOB.toml`"
         ) from None
+    schemas = directory.schemas(deployment)
     job = resolve_job(
         check_deployable(Job.parse(data, source="the submitted job")),  # refuses a seed
-        directory.schemas(deployment),
+        schemas,
     )
     return RunPlan(
         run_id=str(config.get("run-id", "")) or new_run_id(),
@@ -198,6 +210,7 @@ def deployment_plan(config) -> RunPlan:
         connect_timeout=deployment.timeouts.connect,
         round_timeout=deployment.timeouts.round,
         node_units=node_units(directory),
+        max_customers=declared_sizes(schemas),
         audit_key=directory.audit_key,
         on_round=_log_round,
     )

@@ -175,6 +175,7 @@ def _overview(report: dict) -> str:
         ("business units", units),
         ("rounds completed", f"{federation['rounds_completed']} of {job['rounds']}"),
         ("noise", f"{privacy.get('noise_placement', 'local')}; secure aggregation {secure_words}"),
+        ("aggregation", federation.get("strategy", "")),
         (
             "privacy target",
             f"epsilon ≤ {job['epsilon']:g} per BU at delta = {privacy['delta']:g}",
@@ -182,9 +183,15 @@ def _overview(report: dict) -> str:
     ]
     table = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)
     table += f"<tr><td>privacy unit</td><td>{_privacy_unit(privacy['unit'])}</td></tr>"
+    rejected = federation.get("rejected")
     dropouts = federation.get("dropouts") or []
     dropped = ""
-    if dropouts:
+    if rejected:
+        dropped = "<h3>Rejected or missing replies</h3>" + _table(
+            ["round", "phase", "BU", "reason"],
+            [[e["round"], e.get("phase", ""), e["unit"], e["reason"]] for e in rejected],
+        )
+    elif dropouts:  # reports written before replies were validated
         dropped = "<h3>Dropouts</h3>" + _table(
             ["round", "phase", "BU", "reason"],
             [

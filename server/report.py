@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from importlib.metadata import version
 
-from federation.job import JobKind
+from federation.job import AggregationRule, JobKind
 from privacy.audit import public_key_text
 from server.run import RunRecord
 
@@ -88,6 +88,8 @@ def build_report(record: RunRecord) -> dict:
             "display_names": {u: plan.display_names.get(u, u) for u in record.units},
             "refused_units": sorted(record.refused),
             "dropouts": list(record.dropouts),
+            "rejected": list(record.rejected),
+            "aggregation": job.aggregation.model_dump(mode="json"),
             "rounds_completed": record.rounds_completed,
             "strategy": _strategy(job),
             "secure_aggregation": job.secure_aggregation.enabled,
@@ -230,6 +232,14 @@ def _strategy(job) -> str:
         return "federated k-means (Lloyd iterations on summed per-cluster sums and counts)"
     if job.secure_aggregation.enabled:
         return "FedAvg (uniform weights under SecAgg+)"
+    rule = job.aggregation
+    match rule.rule:
+        case AggregationRule.TRIMMED_MEAN:
+            return f"trimmed mean (Flower's FedTrimmedAvg, {rule.trim:g} cut at each end)"
+        case AggregationRule.MEDIAN:
+            return "coordinate-wise median (Flower's FedMedian)"
+        case AggregationRule.KRUM:
+            return f"Krum (Flower's Krum, tolerating {rule.byzantine} hostile BUs)"
     return "FedAvg (weighted by records used)"
 
 

@@ -47,6 +47,7 @@ class RunPlan:
     connect_timeout: float | None = None  # seconds for every BU node to be connected
     round_timeout: float | None = None  # seconds for one exchange's replies
     node_units: dict[int, str] = field(default_factory=dict)  # Flower node id -> BU (deployment)
+    max_customers: dict[str, int] = field(default_factory=dict)  # BU -> declared size bound
     audit_key: Path | None = None  # the coordinator's audit signing key (None: SILOFED_HOME's)
 
 
@@ -57,6 +58,7 @@ class RunRecord:
     unit_reports: dict[str, UnitReport] = field(default_factory=dict)  # latest per unit
     refused: dict[str, str] = field(default_factory=dict)  # unit -> reason
     dropouts: list[dict] = field(default_factory=list)  # round, phase, unit, node, reason
+    rejected: list[dict] = field(default_factory=list)  # unit, round, phase, reason: not combined
     error: str | None = None  # why the run failed, when it did
     audit: AuditLog | None = None  # the run's audit log, written as the run goes
     evaluation: dict | None = None  # the DP evaluation: metrics, curves, intervals
@@ -67,7 +69,12 @@ class RunRecord:
     def record_training(self, reports: list[UnitReport]) -> None:
         for report in reports:
             self.unit_reports[report.unit] = report
-        self._pending_epsilon = {r.unit: r.epsilon for r in reports}
+        self._pending_epsilon.update({r.unit: r.epsilon for r in reports})  # cumulative per BU
+
+    def record_spent(self, report: UnitReport) -> None:
+        """A BU's report on a release the coordinator rejected: what it spent still counts."""
+        self.unit_reports[report.unit] = report
+        self._pending_epsilon[report.unit] = report.epsilon
 
     def record_ranges(
         self, reports: list[UnitReport], windows: dict[str, tuple[float, float]]

@@ -2,9 +2,12 @@
 
 It wraps the model-averaging strategy (FedAvg by default) and adds what silofed needs around it:
 the typed instruction in every message, statistics exchanges (evaluation, queries, k-means
-iterations) whose integer vectors it sums and turns into answers with error bars, refusals kept
-apart from updates, and a BU failure that fails the run instead of being averaged away. Training
-itself is delegated unchanged to the wrapped strategy.
+iterations) whose integer vectors it sums and turns into answers with error bars, and refusals
+kept apart from updates. Every reply is validated before it is combined (`server.aggregation`): a
+malformed, non-finite or overweight reply, or a BU that did not answer, is rejected with its reason
+in the audit log and the report, and the exchange goes on with the valid replies if they make the
+job's quorum, else the run stops. Replies are combined in a fixed order, by BU. Training itself is
+delegated to the wrapped strategy (FedAvg, or a robust rule).
 
 Every exchange is a train message because Flower 1.41's SecAgg+ only covers those, so that
 evaluation, queries and k-means are securely summed the same way as model updates.
@@ -12,6 +15,7 @@ evaluation, queries and k-means are securely summed the same way as model update
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
@@ -38,7 +42,14 @@ from federation.wire import UNIT_KEY, Instruction, Phase, UnitReport, refusal_of
 from privacy.errors import RefusedByUnit, RunFailed
 from privacy.mechanisms import Placement
 from privacy.samplers import SecureSource, SeededSource
+from server.aggregation import (
+    check_update,
+    check_vector,
+    quorum,
+)
 from server.run import RunRecord
+
+NPY_HEADER = 1024  # bytes: numpy's .npy header of one array, with room to spare
 
 
 def no_fit_metrics(_metrics: list) -> dict:
@@ -119,13 +130,18 @@ class FederatedRounds(Strategy):
     ) -> tuple[Parameters | None, dict]:
         answered = []
         for proxy, res in results:
-            refusal = refusal_of(res.metrics)
+            try:
+                refusal = refusal_of(res.metrics)
+            except RunFailed as err:
+                unit = self.node_units.get(proxy.node_id) or f"node {proxy.node_id}"
+                self._reject(server_round, unit, f"unreadable reply: {err}")
+                continue
             if refusal is not None:
                 self.record.refused[refusal.unit] = refusal.reason
                 self.node_units[proxy.node_id] = refusal.unit
             else:
                 answered.append((proxy, res))
-                if UNIT_KEY in res.metrics or UnitReport.KEY in res.metrics:
+                with contextlib.suppress(RunFailed):  # an unreadable report is rejected below
                     self.node_units[proxy.node_id] = unit_of(res.metrics)
         if failures:
             # Flower's SecAgg+ workflow lists a dropout twice; one entry per distinct failure.
@@ -136,21 +152,24 @@ class FederatedRounds(Strategy):
                 }.values()
             )
             self.record.dropouts.extend(dropouts)
-            if not self._plan.job.secure_aggregation.enabled:
-                raise RunFailed(
-                    f"round {server_round} ({self.phase}): {len(dropouts)} BU(s) failed: "
-                    + "; ".join(
-                        f"{d['unit']}: {d['reason']}" if d["unit"] else d["reason"]
-                        for d in dropouts
-                    )
-                )
+            for dropout in dropouts:
+                self._reject(server_round, dropout["unit"], f"no reply: {dropout['reason']}")
             # Under SecAgg+ the workflow already checked that enough BUs survived for the
             # threshold (or halted, which fails the run); the sum is over the survivors.
-        if not answered:
+        if not self._plan.job.secure_aggregation.enabled:
+            # Each reply on its own; under SecAgg+ the coordinator sees only the sum.
+            answered = [
+                (proxy, res) for proxy, res in answered if self._valid(server_round, proxy, res)
+            ]
+        if not answered and not failures and self.record.refused:
             raise RefusedByUnit(
                 "every BU refused the job: "
                 + "; ".join(f"{u}: {r}" for u, r in sorted(self.record.refused.items()))
             )
+        self._check_quorum(server_round, len(answered))
+        # A fixed order, by BU, whatever the order of arrival: the same replies give the same
+        # aggregate to the last bit.
+        answered.sort(key=lambda pair: self.node_units.get(pair[0].node_id, ""))
         job = self._plan.job
         if self.record.audit is not None:
             self.record.audit.append(
@@ -187,6 +206,83 @@ class FederatedRounds(Strategy):
         if last_of_round:
             self.record.finish_round(server_round)
         return parameters, metrics
+
+    def _valid(self, server_round: int, proxy: ClientProxy, res: FitRes) -> bool:
+        """Whether a reply may be combined; a rejected one is recorded with its reason."""
+        unit = self.node_units.get(proxy.node_id)
+        try:
+            reason = self._oversized(res.parameters, server_round)
+            if reason is None:
+                reason = self._problem(parameters_to_ndarrays(res.parameters), res, server_round)
+        except (RunFailed, ValueError, TypeError) as err:
+            reason = f"unreadable reply: {err}"
+        if reason is None:
+            return True
+        self._reject(server_round, unit or f"node {proxy.node_id}", reason)
+        if self.phase is Phase.TRAIN:
+            # its release happened and its ledger holds it: the report keeps what it spent
+            with contextlib.suppress(RunFailed):
+                self.record.record_spent(UnitReport.from_metrics(res.metrics))
+        return False
+
+    def _oversized(self, parameters: Parameters, server_round: int) -> str | None:
+        """Refuse a reply larger than the exchange can need before it is deserialised: the
+        arrays sent (training) or one vector of 8-byte values (a release), plus headers."""
+        layout = release_layout(self._plan.job, self.phase, server_round)
+        if self.phase is Phase.TRAIN:
+            limit = sum(a.nbytes for a in self._current) + NPY_HEADER * len(self._current)
+        elif layout is not None:
+            limit = 8 * layout.size + NPY_HEADER
+        else:
+            return None  # the exact evaluation's summaries (development only)
+        size = sum(len(t) for t in parameters.tensors)
+        if size > 2 * limit:  # room for a float64 reply, which the dtype check names
+            return f"{size} bytes of arrays where the exchange needs at most {limit}"
+        return None
+
+    def _problem(self, arrays: list[np.ndarray], res: FitRes, server_round: int) -> str | None:
+        job = self._plan.job
+        if self.phase is Phase.TRAIN:
+            report = UnitReport.from_metrics(res.metrics)
+            return check_update(
+                arrays,
+                self._current,
+                res.num_examples,
+                max_weight=self._plan.max_customers.get(report.unit),
+                records_used=report.records_used,
+            )
+        layout = release_layout(job, self.phase, server_round)
+        if layout is None:  # the exact evaluation's score summaries (development only)
+            if not all(np.all(np.isfinite(a)) for a in arrays):
+                return "non-finite values in the score summary"
+            return None
+        return check_vector(arrays, layout.size)
+
+    def _reject(self, server_round: int, unit: str | None, reason: str) -> None:
+        entry = {
+            "unit": unit or "unidentified",
+            "round": server_round,
+            "phase": str(self.phase),
+            "reason": reason,
+        }
+        self.record.rejected.append(entry)
+        if self.record.audit is not None:
+            self.record.audit.append("reply.rejected", entry)
+
+    def _check_quorum(self, server_round: int, valid: int) -> None:
+        """An exchange goes on with enough valid replies; otherwise the run stops before any
+        further exchange, so that no BU spends budget on a round that cannot complete."""
+        taking_part = self._plan.expected_units - len(self.record.refused)
+        needed = quorum(self._plan.job.aggregation, taking_part)
+        if valid >= needed:
+            return
+        lost = [e for e in self.record.rejected if e["round"] == server_round]
+        raise RunFailed(
+            f"round {server_round} ({self.phase}): {valid} valid replies of {taking_part} BUs, "
+            f"below the quorum of {needed} (aggregation.quorum {self._plan.job.aggregation.quorum}"
+            f", rule '{self._plan.job.aggregation.rule}'); "
+            + "; ".join(f"{e['unit']}: {e['reason']}" for e in lost)
+        )
 
     def _release(
         self, server_round: int, answered: list[tuple[ClientProxy, FitRes]]

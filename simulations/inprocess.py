@@ -6,6 +6,8 @@ transport is left out. The Flower path itself is covered by a few end-to-end sim
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,17 +16,29 @@ import numpy as np
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAvg
 
 from clients.app import BusinessUnitClient, Node
 from clients.steward import prepare_simulated_home
 from federation.exchanges import exchange_rounds, phases, resolve_job
 from federation.job import Job
+from federation.wire import Phase
+from privacy.errors import ConfigurationError, SilofedError
 from privacy.unit_config import UnitConfig
-from server.app import write_run_directory
+from server.aggregation import declared_sizes
+from server.app import coordinator_strategy, write_run_directory
 from server.audit_trail import open_run_log
 from server.run import RunPlan, RunRecord
-from server.strategy import FederatedRounds, no_fit_metrics
+from simulations.faults import (
+    LATE_BY,
+    UPDATE_KINDS,
+    Fault,
+    InjectedCrash,
+    active,
+    check_faults,
+    tampered,
+)
+
+ReplyCallback = Callable[[int, Phase, str, list[np.ndarray], int], None]
 
 
 class Proxy(ClientProxy):
@@ -55,11 +69,17 @@ def run_in_process(
     *,
     seed: int | None = 0,
     out: Path | None = None,
+    faults: Sequence[Fault] = (),
+    round_timeout: float | None = None,
+    on_reply: ReplyCallback | None = None,
 ) -> InProcessRun:
     """Run `job` over the BUs of `bu_configs` (homes under `homes`); write the run directory to
-    `out` when given."""
+    `out` when given. `faults` act as in a simulation; a reply that takes longer than
+    `round_timeout` seconds is dropped as missing, as the coordinator's deadline drops it.
+    `on_reply(round, phase, unit, arrays, weight)` sees every reply as the coordinator receives it."""
     configs = [UnitConfig.load(p) for p in bu_configs]
     job = resolve_job(job, configs)
+    check_faults(faults, job)
     nodes = [
         Node(p, prepare_simulated_home(c, homes / c.unit).directory, True)
         for p, c in zip(bu_configs, configs, strict=True)
@@ -72,49 +92,79 @@ def run_in_process(
         out=out or homes / "run",
         started_at=datetime.now(UTC),
         seed=seed,
+        max_customers=declared_sizes(configs),
+        round_timeout=round_timeout,
     )
     record = RunRecord(plan)
     if out is not None:
         record.audit = open_run_log(plan)
-    units = len(nodes)
-    strategy = FederatedRounds(
-        FedAvg(
-            fraction_fit=1.0,
-            fraction_evaluate=0.0,
-            min_fit_clients=units,
-            min_available_clients=units,
-            fit_metrics_aggregation_fn=no_fit_metrics,
-        ),
-        record,
-    )
+    strategy = coordinator_strategy(record)
     manager = SimpleClientManager()
-    proxies = [Proxy(i) for i in range(units)]
+    proxies = [Proxy(i) for i in range(len(nodes))]
     for proxy in proxies:
         manager.register(proxy)
     clients = {
-        proxy.node_id: BusinessUnitClient(node) for proxy, node in zip(proxies, nodes, strict=True)
+        proxy.node_id: (config.unit, BusinessUnitClient(node))
+        for proxy, node, config in zip(proxies, nodes, configs, strict=True)
     }
     parameters = strategy.initialize_parameters(manager)
-    for server_round in range(1, exchange_rounds(job) + 1):
-        for phase in phases(job, server_round):
-            strategy.phase = phase
-            results = []
-            for proxy, ins in strategy.configure_fit(server_round, parameters, manager):
-                arrays, examples, metrics = clients[proxy.node_id].fit(
-                    parameters_to_ndarrays(ins.parameters), ins.config
-                )
-                results.append(
-                    (
-                        proxy,
-                        FitRes(
-                            Status(Code.OK, ""), ndarrays_to_parameters(arrays), examples, metrics
-                        ),
-                    )
-                )
-            updated, _ = strategy.aggregate_fit(server_round, results, [])
-            if updated is not None:
-                parameters = updated
+    try:
+        for server_round in range(1, exchange_rounds(job) + 1):
+            for phase in phases(record.plan.job, server_round):
+                strategy.phase = phase
+                results, failures = [], []
+                for proxy, ins in strategy.configure_fit(server_round, parameters, manager):
+                    unit, client = clients[proxy.node_id]
+                    try:
+                        res = _reply(client, ins, faults, unit, server_round, phase, round_timeout)
+                    except Exception as err:  # what Flower's grid turns into an error reply
+                        failures.append(RuntimeError(f"node {proxy.node_id}: {err}"))
+                        continue
+                    if on_reply is not None:
+                        on_reply(
+                            server_round,
+                            phase,
+                            unit,
+                            parameters_to_ndarrays(res.parameters),
+                            res.num_examples,
+                        )
+                    results.append((proxy, res))
+                updated, _ = strategy.aggregate_fit(server_round, results, failures)
+                if updated is not None:
+                    parameters = updated
+    except SilofedError as err:
+        record.error = str(err)
+        raise
     final = parameters_to_ndarrays(parameters)
     if out is not None:
         write_run_directory(record, final)
     return InProcessRun(record=record, parameters=final, nodes=nodes, job=record.plan.job)
+
+
+def _reply(
+    client: BusinessUnitClient,
+    ins,
+    faults: Sequence[Fault],
+    unit: str,
+    server_round: int,
+    phase: Phase,
+    round_timeout: float | None,
+) -> FitRes:
+    """One BU's reply to `ins`, with its faults; a crash, or a reply past the deadline, raises."""
+    acting = active(faults, unit, server_round, phase)
+    started = time.monotonic()
+    for fault in acting:
+        if fault.kind == "crash":
+            raise InjectedCrash(f"injected fault: {fault}")
+        if fault.kind == "timeout":
+            if round_timeout is None:
+                raise ConfigurationError(f"fault {fault}: the run has no round deadline")
+            time.sleep(round_timeout + LATE_BY)
+    sent = parameters_to_ndarrays(ins.parameters)
+    arrays, examples, metrics = client.fit(sent, ins.config)
+    if round_timeout is not None and time.monotonic() - started > round_timeout:
+        raise TimeoutError(f"no reply within {round_timeout:g} s")
+    for fault in acting:
+        if fault.kind in UPDATE_KINDS:
+            arrays, examples = tampered(fault.kind, sent, arrays, examples)
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), examples, metrics)

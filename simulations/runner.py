@@ -25,14 +25,16 @@ from federation.exchanges import exchange_rounds, resolve_job, taking_part
 from federation.job import Job, JobKind, Task
 from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
+from server.aggregation import declared_sizes
 from server.app import make_server_app
 from server.artefacts import check_target, new_run_id, publish, staging_dir
 from server.run import RoundCallback, RunPlan
-from simulations.faults import Fault, fault_mod
+from simulations.faults import Fault, check_faults, fault_mod
 from simulations.split import display_names, read_privacy_unit
 from simulations.synthetic import read_ceiling, synthesize
 
 WORKSPACE = "simulation"
+CONNECT_TIMEOUT = 300.0  # seconds for the virtual BU nodes to be up (Ray starts in about 18 s)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class SimulationSettings:
     homes: Path | None = None  # persistent BU homes; default: fresh ones in the run's workspace
     encrypt_at_rest: bool = False
     faults: tuple[str, ...] = ()  # KIND:BU:ROUND, see simulations.faults
+    # seconds each exchange waits for the BUs' replies: room for 100 BUs preparing 10,000
+    # customers each on 2 cores in the first round, and a bound on a BU that hangs
+    round_timeout: float = 1800.0
     overwrite: bool = False
     verbose: bool = False
 
@@ -139,12 +144,18 @@ def simulate(
             display_names=display_names(silos_root),
             on_round=on_round,
             enrolled=tuple(sorted(u.unit for u in units)),
+            max_customers=declared_sizes(units),
+            round_timeout=settings.round_timeout,
+            connect_timeout=CONNECT_TIMEOUT,
         )
         names = [u.unit for u in units]
         faults = [Fault.parse(text, names) for text in settings.faults]
-        _run_engine(
-            plan, nodes, mods=[fault_mod(faults, names)] if faults else [], verbose=settings.verbose
-        )
+        check_faults(faults, job)
+        deadline = settings.round_timeout
+        if job.secure_aggregation.enabled:
+            deadline = min(deadline, job.secure_aggregation.timeout)  # each SecAgg+ stage's
+        mods = [fault_mod(faults, names, deadline=deadline)] if faults else []
+        _run_engine(plan, nodes, mods=mods, verbose=settings.verbose)
         report_path = staging / "report.json"
         if not report_path.exists():
             raise RunFailed("the simulation ended without a report; see the Flower log above")

@@ -50,6 +50,7 @@ from privacy.schema import (
     propose_sensitive,
 )
 from privacy.unit_config import UNIT_CONFIG_FILE, Minors, UnitConfig
+from simulations.synthetic import declared_size
 
 MANIFEST = "manifest.json"
 ACQUISITION_MONTH = "acquisition_month"  # --by with --transactions: month of the first purchase
@@ -692,6 +693,7 @@ def _write(silos: _Silos, request: SplitRequest, now: datetime) -> SplitResult:
                 tables=silos.tables,
                 purposes=silos.purposes,
                 minors=Minors(adults_only=adults_only),
+                max_customers=declared_size(len(customers)),
             )
             unit_dir = staging / name
             unit_dir.mkdir()

@@ -22,6 +22,7 @@ export of the BU's consent events, imported into the BU's consent registry befor
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -113,7 +114,15 @@ def unit_names(units: int) -> list[str]:
     ]
 
 
-def unit_schema(unit: str, file_format: str = "parquet") -> UnitConfig:
+def declared_size(customers: int) -> int:
+    """The size bound a generated BU declares (`max_customers`): the power of ten at or above
+    twice its customers, room to grow without saying more about its size than that."""
+    return 10 ** math.ceil(math.log10(2 * max(customers, 1)))
+
+
+def unit_schema(
+    unit: str, file_format: str = "parquet", *, max_customers: int | None = None
+) -> UnitConfig:
     """The declared schema of a synthetic BU: types, roles, domains and bounds, and its purposes."""
 
     def col(type_: ColumnType, role: ColumnRole = ColumnRole.ATTRIBUTE, **kw) -> ColumnSpec:
@@ -153,6 +162,7 @@ def unit_schema(unit: str, file_format: str = "parquet") -> UnitConfig:
     join = ("customers.customer_id", "transactions.customer_id")
     return UnitConfig(
         unit=unit,
+        max_customers=max_customers,
         tables={
             "customers": TableSpec(
                 file=f"customers.{file_format}", columns=customers, key="customer_id"
@@ -414,7 +424,7 @@ def synthesize(
             customers_df, transactions, consent = _unit_tables(
                 rng, later, unit, profile, people.iloc[chosen].reset_index(drop=True)
             )
-            schema = unit_schema(unit, file_format)
+            schema = unit_schema(unit, file_format, max_customers=declared_size(size))
             spec = churn_features(schema)
             matrix = compute_features(
                 {"customers": customers_df.assign(churned=False), "transactions": transactions},

@@ -92,7 +92,14 @@ def test_enrol_keeps_only_the_public_schema_and_makes_a_node_bundle(
     unit = "ecommerce"
     enrolment = enrol(directory, UnitConfig.load(silos[unit]))
     schema = tomllib.loads(directory.schema_file(unit).read_text())
-    assert set(schema) == {"schema_version", "unit", "jurisdictions", "tables", "purposes"}
+    assert set(schema) == {
+        "schema_version",
+        "unit",
+        "jurisdictions",
+        "tables",
+        "purposes",
+        "max_customers",
+    }
     assert {t["file"] for t in schema["tables"].values()} == set(schema["tables"])
     bundle = directory.node_bundle(unit)
     assert _mode(bundle / "node.key") == 0o600

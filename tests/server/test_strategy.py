@@ -53,10 +53,13 @@ class SumPlusOne(Strategy):
     initialize_parameters = configure_evaluate = aggregate_evaluate = evaluate = None
 
 
-def _record(tmp_path: Path, units: int = 2, evaluation: str = "exact") -> RunRecord:
+def _record(
+    tmp_path: Path, units: int = 2, evaluation: str = "exact", quorum: float = 0.5
+) -> RunRecord:
     job = Job(
         rounds=1,
         evaluation={"mode": evaluation},
+        aggregation={"quorum": quorum},
         features=resolve_feature_spec("churn", [unit_schema("x")]),
     )
     plan = RunPlan(
@@ -87,6 +90,17 @@ def _report(unit: str, records: int, epsilon: float = 1.0) -> UnitReport:
     )
 
 
+def _rounds(inner: Strategy, record: RunRecord, sent: int = 2) -> FederatedRounds:
+    """The wrapper, having sent a model of `sent` float64 parameters (replies are checked
+    against what was sent)."""
+    strategy = FederatedRounds(inner, record)
+    manager = SimpleClientManager()
+    for node in range(record.plan.expected_units):
+        manager.register(Proxy(node))
+    strategy.configure_fit(1, ndarrays_to_parameters([np.zeros(sent)]), manager)
+    return strategy
+
+
 def _train_reply(
     node: int, arrays: list[np.ndarray], report: UnitReport
 ) -> tuple[ClientProxy, FitRes]:
@@ -100,7 +114,7 @@ def _train_reply(
 
 def test_training_is_delegated_to_the_wrapped_strategy(tmp_path: Path) -> None:
     inner = SumPlusOne()
-    strategy = FederatedRounds(inner, _record(tmp_path))
+    strategy = _rounds(inner, _record(tmp_path))
     replies = [
         _train_reply(1, [np.array([1.0, 2.0])], _report("a", 10)),
         _train_reply(2, [np.array([3.0, 4.0])], _report("b", 30)),
@@ -112,7 +126,7 @@ def test_training_is_delegated_to_the_wrapped_strategy(tmp_path: Path) -> None:
 
 def test_fedavg_training_rounds_weight_by_records_used(tmp_path: Path) -> None:
     record = _record(tmp_path)
-    strategy = FederatedRounds(FedAvg(), record)
+    strategy = _rounds(FedAvg(), record)
     replies = [
         _train_reply(1, [np.array([1.0, 2.0])], _report("a", 10)),
         _train_reply(2, [np.array([3.0, 4.0])], _report("b", 30)),
@@ -153,20 +167,42 @@ def test_evaluation_rounds_sum_the_units_statistics(tmp_path: Path) -> None:
     )
 
 
-def test_a_failed_unit_fails_the_run_with_its_message(tmp_path: Path) -> None:
-    strategy = FederatedRounds(FedAvg(), _record(tmp_path))
+def test_a_failed_unit_is_rejected_with_its_message_and_the_round_goes_on(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    strategy = _rounds(FedAvg(), record)
+    failure = Exception(
+        "Error(code=2, reason='... Message: silo.csv: column age, row 3: not a number\\n')"
+    )
+    parameters, _ = strategy.aggregate_fit(
+        1, [_train_reply(1, [np.full(2, 3.0)], _report("a", 5))], [failure]
+    )
+    np.testing.assert_array_equal(parameters_to_ndarrays(parameters)[0], [3.0, 3.0])
+    assert record.rejected == [
+        {
+            "unit": "unidentified",
+            "round": 1,
+            "phase": "train",
+            "reason": "no reply: silo.csv: column age, row 3: not a number",
+        }
+    ]
+
+
+def test_below_the_quorum_the_run_fails_naming_each_lost_reply(tmp_path: Path) -> None:
+    strategy = _rounds(FedAvg(), _record(tmp_path, quorum=1.0))
     failure = Exception(
         "Error(code=2, reason='... Message: silo.csv: column age, row 3: not a number\\n')"
     )
     with pytest.raises(
-        RunFailed, match=r"1 BU\(s\) failed: silo.csv: column age, row 3: not a number"
+        RunFailed,
+        match=r"1 valid replies of 2 BUs, below the quorum of 2 .*"
+        r"unidentified: no reply: silo.csv: column age, row 3: not a number",
     ):
         strategy.aggregate_fit(1, [_train_reply(1, [np.ones(2)], _report("a", 5))], [failure])
 
 
 def test_refusals_are_kept_apart_and_all_refusing_is_exit_code_3(tmp_path: Path) -> None:
     record = _record(tmp_path)
-    strategy = FederatedRounds(FedAvg(), record)
+    strategy = _rounds(FedAvg(), record)
     refusal = (
         Proxy(2),
         FitRes(
@@ -206,7 +242,7 @@ def test_every_train_message_carries_the_typed_instruction(tmp_path: Path) -> No
 
 def test_report_from_a_record_holds_the_contract_and_renders(tmp_path: Path) -> None:
     record = _record(tmp_path)
-    strategy = FederatedRounds(FedAvg(), record)
+    strategy = _rounds(FedAvg(), record)
     strategy.aggregate_fit(1, [_train_reply(1, [np.ones(2)], _report("a", 5, 0.5))], [])
     strategy.phase = Phase.EVALUATE
     summary = ScoreSummary.of(np.array([0.2, 0.8, 0.6]), np.array([0, 1, 0]))
@@ -239,11 +275,11 @@ def test_report_from_a_record_holds_the_contract_and_renders(tmp_path: Path) -> 
 def test_a_dropped_node_is_named_by_its_bu_in_the_error_and_the_record(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    record = _record(tmp_path)
+    record = _record(tmp_path, quorum=1.0)
     record.plan = replace(record.plan, node_units={7: "retail"}, enrolled=("ecommerce", "retail"))
-    strategy = FederatedRounds(FedAvg(), record)
+    strategy = _rounds(FedAvg(), record)
     failure = Exception("Error(code=5, reason='node 7: no reply within 30 s')")
-    with pytest.raises(RunFailed, match=r"1 BU\(s\) failed: retail: node 7: no reply within 30 s"):
+    with pytest.raises(RunFailed, match=r"retail: no reply: node 7: no reply within 30 s"):
         strategy.aggregate_fit(
             2, [_train_reply(3, [np.ones(2)], _report("ecommerce", 5))], [failure]
         )
@@ -261,12 +297,99 @@ def test_a_dropped_node_is_named_by_its_bu_in_the_error_and_the_record(tmp_path:
 def test_a_node_never_heard_from_is_named_when_it_is_the_only_silent_bu(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    record = _record(tmp_path)
+    record = _record(tmp_path, quorum=1.0)
     record.plan = replace(record.plan, enrolled=("ecommerce", "retail"))
-    strategy = FederatedRounds(FedAvg(), record)
+    strategy = _rounds(FedAvg(), record)
     failure = Exception("Error(code=5, reason='node 9: Error: Node Unavailable')")
-    with pytest.raises(RunFailed, match="retail: node 9"):
+    with pytest.raises(RunFailed, match="retail: no reply: node 9"):
         strategy.aggregate_fit(
             1, [_train_reply(3, [np.ones(2)], _report("ecommerce", 5))], [failure]
         )
     assert [d["unit"] for d in record.dropouts] == ["retail"]
+
+
+def test_a_reply_larger_than_the_exchange_needs_is_refused_before_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.strategy as strategy_module
+
+    record = _record(tmp_path)
+    strategy = _rounds(FedAvg(), record)
+    read = []
+    real = strategy_module.parameters_to_ndarrays
+    monkeypatch.setattr(
+        strategy_module, "parameters_to_ndarrays", lambda p: read.append(p) or real(p)
+    )
+    huge = _train_reply(2, [np.zeros(1_000_000)], _report("b", 5))
+    parameters, _ = strategy.aggregate_fit(
+        1, [_train_reply(1, [np.full(2, 2.0)], _report("a", 5)), huge], []
+    )
+    np.testing.assert_array_equal(real(parameters)[0], [2.0, 2.0])
+    assert huge[1].parameters not in read  # never deserialised
+    (entry,) = record.rejected
+    assert entry["reason"].startswith("8000128 bytes of arrays where the exchange needs at most")
+
+
+def test_an_unreadable_reply_is_rejected_not_fatal(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    strategy = _rounds(FedAvg(), record)
+    garbled = (
+        Proxy(2),
+        FitRes(Status(Code.OK, ""), Parameters([], ""), 0, {Refusal.KEY: "{not json"}),
+    )
+    strategy.aggregate_fit(1, [_train_reply(1, [np.ones(2)], _report("a", 5)), garbled], [])
+    (entry,) = record.rejected
+    assert entry["unit"] == "node 2" and entry["reason"].startswith("unreadable reply: ")
+
+
+@pytest.mark.parametrize(
+    ("arrays", "weight", "reason"),
+    [
+        ([np.ones(2), np.ones(1)], 5, "2 arrays where the model has 1"),
+        ([np.ones(3)], 5, "array 0 has shape (3,), the model's is (2,)"),
+        ([np.ones(2, dtype=np.float32)], 5, "array 0 has dtype float32, the model's is float64"),
+        ([np.array([np.inf, np.nan])], 5, "array 0 holds 2 non-finite values"),
+        (
+            [np.ones(2)],
+            -3,
+            "weight -3 is outside 1..1000000000, the most a BU without a declared max_customers "
+            "may claim",
+        ),
+        ([np.ones(2)], True, "weight True is not a whole number of customers"),
+        ([np.ones(2)], 4, "weight 4 differs from the 5 training customers it reports"),
+    ],
+)
+def test_each_malformed_update_is_named(tmp_path, arrays, weight, reason) -> None:
+    record = _record(tmp_path)
+    strategy = _rounds(FedAvg(), record)
+    bad = (
+        Proxy(2),
+        FitRes(
+            Status(Code.OK, ""),
+            ndarrays_to_parameters(arrays),
+            weight,
+            _report("b", 5).to_metrics(),
+        ),
+    )
+    strategy.aggregate_fit(1, [_train_reply(1, [np.ones(2)], _report("a", 5)), bad], [])
+    assert [(e["unit"], e["reason"]) for e in record.rejected] == [("b", reason)]
+    assert record.unit_reports["b"].records_used == 5  # what it spent still counts
+
+
+def test_a_declared_size_bounds_the_weight(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    record = _record(tmp_path)
+    record.plan = replace(record.plan, max_customers={"b": 100})
+    strategy = _rounds(FedAvg(), record)
+    strategy.aggregate_fit(
+        1,
+        [
+            _train_reply(1, [np.ones(2)], _report("a", 5000)),
+            _train_reply(2, [np.ones(2)], _report("b", 5000)),
+        ],
+        [],
+    )
+    assert [(e["unit"], e["reason"]) for e in record.rejected] == [
+        ("b", "weight 5000 is outside 1..100, the BU's declared size")
+    ]
