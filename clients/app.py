@@ -45,6 +45,7 @@ from clients.pipeline import (
     prepare_tables,
 )
 from clients.queries import query_vector
+from clients.replies import store_reply, stored_reply
 from clients.segments import segment_vector
 from clients.silo import load_silo, table_file
 from clients.training import (
@@ -371,6 +372,13 @@ class BusinessUnitClient(NumPyClient):
         job = instruction.job
         unit = _unit_config(self.node.bu_config, time.time_ns())
         home = UnitHome.of(unit, self.node.home)
+        replay = stored_reply(home.directory, instruction)
+        if replay is not None:
+            # A resumed run asks again for an exchange this BU answered: the same release again,
+            # at no further cost, and no second ledger event.
+            last = is_last_exchange(job, instruction.phase, instruction.server_round)
+            _audit(home, "exchange.replayed", instruction, {}, final=last)
+            return replay
         try:
             # Before any data is read: the BU's own policy and budget decide.
             admit(unit, home, job, instruction.run_id, now=datetime.now(UTC))
@@ -420,6 +428,8 @@ class BusinessUnitClient(NumPyClient):
                 last = is_last_exchange(job, phase, instruction.server_round)
                 if last:
                     ledger.release(instruction.run_id, job.purpose, now=datetime.now(UTC))
+            # after the ledger holds the release (clients/replies.py says why in that order)
+            store_reply(home.directory, instruction, reply)
             if phase in (Phase.TRAIN, Phase.QUERY) or (
                 phase is Phase.SEGMENTS and instruction.server_round == 1
             ):

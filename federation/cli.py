@@ -161,6 +161,14 @@ def simulate(
         float,
         typer.Option(help="seconds each exchange waits for the BUs' replies", min=1.0),
     ] = 1800.0,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="go on with a killed simulation (RUN_DIR: its --out) after its last checkpointed "
+            "round; every other option comes from that run",
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
@@ -170,9 +178,37 @@ def simulate(
 
     from federation.exchanges import exchange_rounds
     from server.artefacts import new_run_id
-    from simulations.runner import SimulationSettings
+    from simulations.runner import SimulationSettings, resumable
+    from simulations.runner import resume as resume_simulation
     from simulations.runner import simulate as run_simulation
 
+    if resume is not None:
+        from server.checkpoint import load_checkpoint
+
+        given = {
+            "--job": job_file,
+            "--task": task,
+            "--units": units,
+            "--rounds": rounds,
+            "--epsilon": epsilon,
+            "--delta": delta,
+            "--data": data,
+            "--out": out,
+            "--homes": homes,
+            "--noise": noise,
+            "--evaluation": evaluation,
+            "--aggregation": aggregation,
+            "--fault": fault,
+        }
+        clashing = [flag for flag, value in given.items() if value]
+        if clashing:
+            raise typer.BadParameter(
+                f"{', '.join(clashing)} cannot be combined with --resume {resume}: a resumed "
+                "run keeps the settings it started with"
+            )
+
+        checkpoint = load_checkpoint(resumable(resume))
+        total, done = exchange_rounds(checkpoint.job), checkpoint.server_round
     job = _job_from_options(
         job_file,
         task,
@@ -208,7 +244,9 @@ def simulate(
         console=console,
         transient=False,
     ) as progress:
-        bar = progress.add_task("starting the Simulation Engine ...", total=exchange_rounds(job))
+        if resume is None:
+            total, done = exchange_rounds(job), 0
+        bar = progress.add_task("starting the Simulation Engine ...", total=total, completed=done)
 
         def on_round(summary) -> None:
             worst = max(summary.epsilon.values(), default=0.0)
@@ -219,7 +257,10 @@ def simulate(
             )
             progress.update(bar, advance=1, description=f"{shown}  max epsilon {worst:.3f}".strip())
 
-        result = run_simulation(settings, job, on_round=on_round)
+        if resume is not None:
+            result = resume_simulation(resume, on_round=on_round)
+        else:
+            result = run_simulation(settings, job, on_round=on_round)
     _print_summary(result.report, result.out)
 
 

@@ -83,6 +83,15 @@ class SeededSource:
     def randbelow(self, n: int) -> int:
         return self._random.randrange(n)
 
+    def state(self) -> list:
+        """Where the stream is, as JSON-ready lists (a resumed simulation goes on from here)."""
+        version, internal, gauss = self._random.getstate()
+        return [version, list(internal), gauss]
+
+    def set_state(self, state: list) -> None:
+        version, internal, gauss = state
+        self._random.setstate((version, tuple(internal), gauss))
+
     def __repr__(self) -> str:
         return f"SeededSource(seed={self.seed})"
 

@@ -46,6 +46,7 @@ from server.audit_trail import (
     logged_record,
     open_run_log,
 )
+from server.checkpoint import discard_checkpoint
 from server.coordinator import PROGRESS, node_units
 from server.noise import AppliedUpdates, CentralGaussianNoise
 from server.report import build_report, build_results, render_html
@@ -122,6 +123,7 @@ def write_run_directory(record: RunRecord, parameters: list | None) -> None:
     plan, job = record.plan, record.plan.job
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
+    discard_checkpoint(out)
     write_atomic(out / "job.json", job.model_dump_json(indent=2))
     if parameters is not None and job.kind is not JobKind.QUERY:
         buffer = io.BytesIO()

@@ -44,6 +44,8 @@ def open_run_log(plan: RunPlan) -> AuditLog:
     plan.out.mkdir(parents=True, exist_ok=True)
     write_atomic(plan.out / PUBLIC_KEY_FILE, public_key_text(key.public_key()) + "\n")
     log = AuditLog(plan.out / LOG_FILE, actor="coordinator", key=key)
+    if plan.resume:
+        return log  # the log goes on where it ends; the resumed run appends `run.resumed`
     job = plan.job
     log.append(
         "job.accepted",

@@ -48,6 +48,8 @@ class RunPlan:
     round_timeout: float | None = None  # seconds for one exchange's replies
     node_units: dict[int, str] = field(default_factory=dict)  # Flower node id -> BU (deployment)
     max_customers: dict[str, int] = field(default_factory=dict)  # BU -> declared size bound
+    checkpoints: bool = True  # write the coordinator's checkpoint after each round (out)
+    resume: bool = False  # go on from the checkpoint in `out` (same run id and start time)
     audit_key: Path | None = None  # the coordinator's audit signing key (None: SILOFED_HOME's)
 
 

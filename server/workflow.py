@@ -13,7 +13,7 @@ import timeit
 from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Error, Message
-from flwr.common import parameters_to_ndarrays
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
 from flwr.compat.common import recorddict_compat as compat
 from flwr.compat.server.typing import Workflow
@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from federation.exchanges import phases
 from federation.wire import Phase
 from privacy.errors import RunFailed
+from server.checkpoint import load_checkpoint, restore, save_checkpoint
 from server.strategy import FederatedRounds
 
 NODE_POLL_SECONDS = 1.0
@@ -134,13 +135,21 @@ class RoundsWorkflow:
         thread, stop, registered = start_update_client_manager_thread(grid, context.client_manager)
         try:
             registered.wait()
-            parameters = strategy.initialize_parameters(context.client_manager)
+            plan = strategy.record.plan
+            first = 1
+            if plan.resume:
+                checkpoint = load_checkpoint(plan.out)
+                restore(strategy, checkpoint)
+                parameters = ndarrays_to_parameters(checkpoint.parameters)
+                first = checkpoint.server_round + 1
+            else:
+                parameters = strategy.initialize_parameters(context.client_manager)
             context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
                 parameters, keep_input=True
             )
             config = ConfigRecord({Key.START_TIME: timeit.default_timer()})
             context.state.config_records[MAIN_CONFIGS_RECORD] = config
-            for server_round in range(1, context.config.num_rounds + 1):
+            for server_round in range(first, context.config.num_rounds + 1):
                 config[Key.CURRENT_ROUND] = server_round
                 for phase in phases(strategy.record.plan.job, server_round):
                     strategy.phase = phase
@@ -152,6 +161,11 @@ class RoundsWorkflow:
                             f"round {server_round}: the {phase} exchange did not complete "
                             "(too few BUs answered, or secure aggregation halted); see the log above"
                         )
+                if plan.checkpoints:
+                    current = compat.arrayrecord_to_parameters(
+                        context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
+                    )
+                    save_checkpoint(strategy, server_round, parameters_to_ndarrays(current))
             final = compat.arrayrecord_to_parameters(
                 context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
             )

@@ -27,6 +27,7 @@ from privacy.unit_config import UnitConfig
 from server.aggregation import declared_sizes
 from server.app import coordinator_strategy, write_run_directory
 from server.audit_trail import open_run_log
+from server.checkpoint import load_checkpoint, restore, save_checkpoint
 from server.run import RunPlan, RunRecord
 from simulations.faults import (
     LATE_BY,
@@ -72,11 +73,14 @@ def run_in_process(
     faults: Sequence[Fault] = (),
     round_timeout: float | None = None,
     on_reply: ReplyCallback | None = None,
+    resume: bool = False,
 ) -> InProcessRun:
     """Run `job` over the BUs of `bu_configs` (homes under `homes`); write the run directory to
     `out` when given. `faults` act as in a simulation; a reply that takes longer than
     `round_timeout` seconds is dropped as missing, as the coordinator's deadline drops it.
-    `on_reply(round, phase, unit, arrays, weight)` sees every reply as the coordinator receives it."""
+    `on_reply(round, phase, unit, arrays, weight)` sees every reply as the coordinator receives it.
+    With `out`, the coordinator checkpoints there after each round, and `resume` goes on from the
+    checkpoint in `out` (the BUs' homes must be the same)."""
     configs = [UnitConfig.load(p) for p in bu_configs]
     job = resolve_job(job, configs)
     check_faults(faults, job)
@@ -84,13 +88,18 @@ def run_in_process(
         Node(p, prepare_simulated_home(c, homes / c.unit).directory, True)
         for p, c in zip(bu_configs, configs, strict=True)
     ]
+    if resume and out is None:
+        raise ConfigurationError("resuming needs the run directory (out) holding the checkpoint")
+    checkpoint = load_checkpoint(out) if resume else None
     plan = RunPlan(
         run_id="inprocess-run",
         job=job,
         expected_units=len(nodes),
         mode="simulation",
         out=out or homes / "run",
-        started_at=datetime.now(UTC),
+        started_at=checkpoint.started_at if checkpoint is not None else datetime.now(UTC),
+        checkpoints=out is not None,
+        resume=resume,
         seed=seed,
         max_customers=declared_sizes(configs),
         round_timeout=round_timeout,
@@ -108,8 +117,13 @@ def run_in_process(
         for proxy, node, config in zip(proxies, nodes, configs, strict=True)
     }
     parameters = strategy.initialize_parameters(manager)
+    first = 1
+    if checkpoint is not None:
+        restore(strategy, checkpoint)
+        parameters = ndarrays_to_parameters(checkpoint.parameters)
+        first = checkpoint.server_round + 1
     try:
-        for server_round in range(1, exchange_rounds(job) + 1):
+        for server_round in range(first, exchange_rounds(job) + 1):
             for phase in phases(record.plan.job, server_round):
                 strategy.phase = phase
                 results, failures = [], []
@@ -132,6 +146,8 @@ def run_in_process(
                 updated, _ = strategy.aggregate_fit(server_round, results, failures)
                 if updated is not None:
                     parameters = updated
+            if plan.checkpoints:
+                save_checkpoint(strategy, server_round, parameters_to_ndarrays(parameters))
     except SilofedError as err:
         record.error = str(err)
         raise

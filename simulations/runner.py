@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,17 +23,20 @@ from clients.silo import load_silo
 from clients.steward import encrypt_silo, prepare_simulated_home
 from federation.exchanges import exchange_rounds, resolve_job, taking_part
 from federation.job import Job, JobKind, Task
+from privacy.atomic import write_atomic
 from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.aggregation import declared_sizes
 from server.app import make_server_app
 from server.artefacts import check_target, new_run_id, publish, staging_dir
+from server.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint
 from server.run import RoundCallback, RunPlan
 from simulations.faults import Fault, check_faults, fault_mod
 from simulations.split import display_names, read_privacy_unit
 from simulations.synthetic import read_ceiling, synthesize
 
 WORKSPACE = "simulation"
+SIMULATION_FILE = "simulation.json"  # in the partial run directory: how to resume it
 CONNECT_TIMEOUT = 300.0  # seconds for the virtual BU nodes to be up (Ray starts in about 18 s)
 
 
@@ -78,97 +81,177 @@ def simulate(
     check_target(out, overwrite=settings.overwrite)
     staging = staging_dir(out)
     try:
-        workspace = staging / WORKSPACE
-        if settings.data is not None:
-            if settings.encrypt_at_rest:
-                raise ConfigurationError(
-                    "--encrypt-at-rest encrypts generated silos; to encrypt your own, run "
-                    "`silofed keys encrypt --bu-config BU.toml` on each, then pass --data"
-                )
-            silos_root = Path(settings.data)
-            configs = silo_configs(silos_root)
-            if settings.units is not None and settings.units != len(configs):
-                raise ConfigurationError(
-                    f"--units {settings.units} disagrees with --data {silos_root}, which holds "
-                    f"{len(configs)} BUs; drop --units or point --data elsewhere"
-                )
-        else:
-            silos_root = workspace / "silos"
-            synthesize(
-                silos_root,
-                units=settings.units or 5,
-                customers=settings.customers,
-                seed=settings.seed if settings.seed is not None else 0,
-            )
-            configs = silo_configs(silos_root)
-        homes_root = Path(settings.homes) if settings.homes is not None else workspace / "homes"
-        # The job is made concrete from the declared schemas before any BU reads data: an
-        # undeclared purpose, a column the purpose forbids, a missing bound or domain stop here.
-        declared = {c: UnitConfig.load(c) for c in configs}
-        chosen = {c.unit for c in taking_part(job, list(declared.values()))}
-        configs = [path for path, config in declared.items() if config.unit in chosen]
-        job = resolve_job(job, [declared[c] for c in configs])
-        nodes = []
-        units = []
-        refusals = {}
-        for bu_config in configs:
-            config = UnitConfig.load(bu_config)
-            home = prepare_simulated_home(config, homes_root / config.unit)
-            # Each BU's own decision, before any of its data is read (it decides again in the run).
-            if (reason := would_admit(config, home, job)) is not None:
-                refusals[config.unit] = reason
-            if settings.encrypt_at_rest:
-                encrypt_silo(bu_config, home)
-                config = UnitConfig.load(bu_config)
-            # Check every silo now, with the loader the BUs use, so that a malformed silo stops
-            # the run before the Simulation Engine starts and names the file, column and row.
-            load_silo(config, keyring=home.keyring() if config.source.encrypted else None)
-            nodes.append(Node(bu_config=bu_config, home=home.directory, simulated=True))
-            units.append(config)
-        if len(refusals) == len(configs):
-            raise RefusedByUnit("every BU refuses the job: " + "; ".join(refusals.values()))
-        plan = RunPlan(
-            run_id=new_run_id(),
-            job=job,
-            expected_units=len(nodes),
-            mode="simulation",
-            out=staging,
-            started_at=datetime.now(UTC),
-            seed=settings.seed,
-            auc_ceiling=(
-                read_ceiling(silos_root, job.evaluation, task=job.task)
-                if job.kind is JobKind.MODEL and job.task is not Task.LTV
-                else None
-            ),
-            privacy_unit=read_privacy_unit(silos_root),
-            display_names=display_names(silos_root),
-            on_round=on_round,
-            enrolled=tuple(sorted(u.unit for u in units)),
-            max_customers=declared_sizes(units),
-            round_timeout=settings.round_timeout,
-            connect_timeout=CONNECT_TIMEOUT,
-        )
-        names = [u.unit for u in units]
-        faults = [Fault.parse(text, names) for text in settings.faults]
-        check_faults(faults, job)
-        deadline = settings.round_timeout
-        if job.secure_aggregation.enabled:
-            deadline = min(deadline, job.secure_aggregation.timeout)  # each SecAgg+ stage's
-        mods = [fault_mod(faults, names, deadline=deadline)] if faults else []
-        _run_engine(plan, nodes, mods=mods, verbose=settings.verbose)
-        report_path = staging / "report.json"
-        if not report_path.exists():
-            raise RunFailed("the simulation ended without a report; see the Flower log above")
-        report = json.loads(report_path.read_text())
-        if report["federation"]["rounds_completed"] != exchange_rounds(job):
-            raise RunFailed(
-                f"only {report['federation']['rounds_completed']} of {job.rounds} rounds completed"
-            )
-        publish(staging, out, overwrite=settings.overwrite)
-        return SimulationResult(out=out, report=report)
+        return _simulate_in(staging, settings, job, on_round, None)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # a failed run leaves nothing (kill -9 aside)
         raise
+
+
+def resume(run_dir: Path, on_round: RoundCallback | None = None) -> SimulationResult:
+    """Go on with a simulation that was killed: `run_dir` is its --out (or the partial directory
+    beside it). It resumes after the last round its coordinator checkpointed, with the same silos,
+    BU homes, seed, job, run id and start time; if it fails again, the partial directory stays
+    for another try."""
+    staging = resumable(Path(run_dir))
+    saved = json.loads((staging / SIMULATION_FILE).read_text(encoding="utf-8"))
+    settings = SimulationSettings(
+        **{
+            **saved["settings"],
+            "out": Path(saved["settings"]["out"]),
+            "data": None if saved["settings"]["data"] is None else Path(saved["settings"]["data"]),
+            "homes": None
+            if saved["settings"]["homes"] is None
+            else Path(saved["settings"]["homes"]),
+            "faults": tuple(saved["settings"]["faults"]),
+        }
+    )
+    job = Job.model_validate(saved["job"])
+    return _simulate_in(staging, settings, job, on_round, load_checkpoint(staging))
+
+
+def resumable(run_dir: Path) -> Path:
+    """The partial directory of the killed simulation whose --out is `run_dir`."""
+    if (run_dir / SIMULATION_FILE).exists() and (run_dir / CHECKPOINT_FILE).exists():
+        return run_dir
+    if (run_dir / "report.json").exists():
+        raise ConfigurationError(f"--resume {run_dir}: that run completed; nothing to resume")
+    partial = sorted(
+        (
+            p
+            for p in run_dir.parent.glob(f".{run_dir.name}.partial-*")
+            if (p / SIMULATION_FILE).exists()
+        ),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not partial:
+        raise ConfigurationError(
+            f"--resume {run_dir}: no interrupted simulation with that --out (a run can be "
+            "resumed once it has checkpointed a round; a run that failed cleanly left nothing)"
+        )
+    if not (partial[-1] / CHECKPOINT_FILE).exists():
+        raise ConfigurationError(
+            f"--resume {run_dir}: the interrupted run ({partial[-1]}) ended before its first "
+            "round was checkpointed; start it again"
+        )
+    return partial[-1]
+
+
+def _simulate_in(
+    staging: Path,
+    settings: SimulationSettings,
+    job: Job,
+    on_round: RoundCallback | None,
+    checkpoint: Checkpoint | None,
+) -> SimulationResult:
+    out = Path(settings.out)
+    workspace = staging / WORKSPACE
+    if settings.data is not None:
+        if settings.encrypt_at_rest:
+            raise ConfigurationError(
+                "--encrypt-at-rest encrypts generated silos; to encrypt your own, run "
+                "`silofed keys encrypt --bu-config BU.toml` on each, then pass --data"
+            )
+        silos_root = Path(settings.data)
+        configs = silo_configs(silos_root)
+        if settings.units is not None and settings.units != len(configs):
+            raise ConfigurationError(
+                f"--units {settings.units} disagrees with --data {silos_root}, which holds "
+                f"{len(configs)} BUs; drop --units or point --data elsewhere"
+            )
+    elif checkpoint is not None:
+        silos_root = workspace / "silos"  # the interrupted run's own
+        configs = silo_configs(silos_root)
+    else:
+        silos_root = workspace / "silos"
+        synthesize(
+            silos_root,
+            units=settings.units or 5,
+            customers=settings.customers,
+            seed=settings.seed if settings.seed is not None else 0,
+        )
+        configs = silo_configs(silos_root)
+    homes_root = Path(settings.homes) if settings.homes is not None else workspace / "homes"
+    # The job is made concrete from the declared schemas before any BU reads data: an
+    # undeclared purpose, a column the purpose forbids, a missing bound or domain stop here.
+    declared = {c: UnitConfig.load(c) for c in configs}
+    chosen = {c.unit for c in taking_part(job, list(declared.values()))}
+    configs = [path for path, config in declared.items() if config.unit in chosen]
+    job = resolve_job(job, [declared[c] for c in configs])
+    nodes = []
+    units = []
+    refusals = {}
+    for bu_config in configs:
+        config = UnitConfig.load(bu_config)
+        home = prepare_simulated_home(config, homes_root / config.unit)
+        # Each BU's own decision, before any of its data is read (it decides again in the run).
+        if (reason := would_admit(config, home, job)) is not None:
+            refusals[config.unit] = reason
+        if settings.encrypt_at_rest and not config.source.encrypted:
+            encrypt_silo(bu_config, home)
+            config = UnitConfig.load(bu_config)
+        # Check every silo now, with the loader the BUs use, so that a malformed silo stops
+        # the run before the Simulation Engine starts and names the file, column and row.
+        load_silo(config, keyring=home.keyring() if config.source.encrypted else None)
+        nodes.append(Node(bu_config=bu_config, home=home.directory, simulated=True))
+        units.append(config)
+    if len(refusals) == len(configs) and checkpoint is None:
+        raise RefusedByUnit("every BU refuses the job: " + "; ".join(refusals.values()))
+    plan = RunPlan(
+        run_id=new_run_id() if checkpoint is None else checkpoint.run_id,
+        job=job,
+        expected_units=len(nodes),
+        mode="simulation",
+        out=staging,
+        started_at=datetime.now(UTC) if checkpoint is None else checkpoint.started_at,
+        seed=settings.seed,
+        auc_ceiling=(
+            read_ceiling(silos_root, job.evaluation, task=job.task)
+            if job.kind is JobKind.MODEL and job.task is not Task.LTV
+            else None
+        ),
+        privacy_unit=read_privacy_unit(silos_root),
+        display_names=display_names(silos_root),
+        on_round=on_round,
+        enrolled=tuple(sorted(u.unit for u in units)),
+        max_customers=declared_sizes(units),
+        round_timeout=settings.round_timeout,
+        connect_timeout=CONNECT_TIMEOUT,
+        resume=checkpoint is not None,
+    )
+    if checkpoint is None:
+        _save_settings(staging, settings, job)
+    names = [u.unit for u in units]
+    faults = [Fault.parse(text, names) for text in settings.faults]
+    check_faults(faults, job)
+    deadline = settings.round_timeout
+    if job.secure_aggregation.enabled:
+        deadline = min(deadline, job.secure_aggregation.timeout)  # each SecAgg+ stage's
+    mods = [fault_mod(faults, names, deadline=deadline)] if faults else []
+    _run_engine(plan, nodes, mods=mods, verbose=settings.verbose)
+    report_path = staging / "report.json"
+    if not report_path.exists():
+        raise RunFailed("the simulation ended without a report; see the Flower log above")
+    report = json.loads(report_path.read_text())
+    if report["federation"]["rounds_completed"] != exchange_rounds(job):
+        raise RunFailed(
+            f"only {report['federation']['rounds_completed']} of {job.rounds} rounds completed"
+        )
+    (staging / SIMULATION_FILE).unlink()  # complete (and its checkpoint gone): nothing to resume
+    publish(staging, out, overwrite=settings.overwrite)
+    return SimulationResult(out=out, report=report)
+
+
+def _save_settings(staging: Path, settings: SimulationSettings, job: Job) -> None:
+    """What `resume` needs to rebuild the run: the settings and the job as given."""
+    saved = {
+        **{k: v for k, v in asdict(settings).items()},
+        "out": str(settings.out),
+        "data": None if settings.data is None else str(Path(settings.data).resolve()),
+        "homes": None if settings.homes is None else str(Path(settings.homes).resolve()),
+        "faults": list(settings.faults),
+    }
+    document = {"settings": saved, "job": job.model_dump(mode="json")}
+    write_atomic(staging / SIMULATION_FILE, json.dumps(document, indent=1))
 
 
 def _run_engine(plan: RunPlan, nodes: list[Node], *, mods: list, verbose: bool) -> None:
