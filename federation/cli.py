@@ -161,6 +161,14 @@ def simulate(
         float,
         typer.Option(help="seconds each exchange waits for the BUs' replies", min=1.0),
     ] = 1800.0,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Ray workers, one core each (default: one per core, at most one per BU); each "
+            "worker prepares every BU it serves, so large silos may run faster on fewer",
+            min=1,
+        ),
+    ] = None,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -232,6 +240,7 @@ def simulate(
         encrypt_at_rest=encrypt_at_rest,
         faults=tuple(fault or ()),
         round_timeout=round_timeout,
+        workers=workers,
         overwrite=overwrite,
         verbose=verbose,
     )
@@ -998,12 +1007,23 @@ def deploy_status(
 
 @app.command(epilog=EXIT_CODES)
 def run(
-    job_file: Annotated[Path, typer.Argument(help="the job (TOML), as for `simulate --job`")],
+    job_file: Annotated[
+        Path | None, typer.Argument(help="the job (TOML), as for `simulate --job`")
+    ] = None,
     deployment: Annotated[
-        Path, typer.Option("--deployment", help="the deployment directory of the coordinator")
-    ],
+        Path | None,
+        typer.Option("--deployment", help="the deployment directory of the coordinator"),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="the run directory (default: DEPLOYMENT/runs/RUN_ID)")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="go on with an interrupted run (RUN_DIR: its run directory) after its last "
+            "checkpointed round, instead of a new JOB",
+        ),
     ] = None,
 ) -> None:
     """Run a job on the deployment: every enrolled BU's node takes part; seeds are refused."""
@@ -1013,7 +1033,14 @@ def run(
     from federation.job import Job, load_job_file
     from server.submit import submit
 
-    job = Job.parse(load_job_file(job_file), source=str(job_file))
+    if deployment is None:
+        raise typer.BadParameter("--deployment DIR is required")
+    if (job_file is None) == (resume is None):
+        raise typer.BadParameter("give a JOB to run, or --resume RUN_DIR, not both")
+    if resume is not None and out is not None:
+        raise typer.BadParameter("--out cannot be combined with --resume: the run keeps its own")
+    job = None if job_file is None else Job.parse(load_job_file(job_file), source=str(job_file))
+    name = job_file.name if job_file is not None else f"the resumed run {resume}"
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -1021,7 +1048,7 @@ def run(
         console=console,
         transient=not sys.stdout.isatty(),
     ) as progress:
-        bar = progress.add_task(f"submitting {job_file.name} ...", total=None)
+        bar = progress.add_task(f"submitting {name} ...", total=None)
 
         def on_progress(line: str) -> None:
             progress.update(bar, description=line)
@@ -1029,7 +1056,7 @@ def run(
                 console.print(line, soft_wrap=True)
 
         directory, report = submit(
-            DeploymentDirectory(deployment), job, out=out, on_progress=on_progress
+            DeploymentDirectory(deployment), job, out=out, on_progress=on_progress, resume=resume
         )
     _print_summary(report, directory)
 

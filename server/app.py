@@ -46,7 +46,7 @@ from server.audit_trail import (
     logged_record,
     open_run_log,
 )
-from server.checkpoint import discard_checkpoint
+from server.checkpoint import CHECKPOINT_FILE, discard_checkpoint, load_checkpoint
 from server.coordinator import PROGRESS, node_units
 from server.noise import AppliedUpdates, CentralGaussianNoise
 from server.report import build_report, build_results, render_html
@@ -201,13 +201,23 @@ def deployment_plan(config) -> RunPlan:
         check_deployable(Job.parse(data, source="the submitted job")),  # refuses a seed
         schemas,
     )
+    resume = str(config.get("resume", ""))
+    checkpoint = load_checkpoint(Path(resume)) if resume else None
+    if checkpoint is not None:
+        # the interrupted run's own job (its feature windows included), id and start time
+        job = check_deployable(checkpoint.job)
     return RunPlan(
-        run_id=str(config.get("run-id", "")) or new_run_id(),
+        run_id=(
+            checkpoint.run_id
+            if checkpoint is not None
+            else str(config.get("run-id", "")) or new_run_id()
+        ),
         job=job,
         expected_units=len(deployment.units),
         mode="deployment",
         out=Path(str(config["out"])),
-        started_at=datetime.now(UTC),
+        started_at=checkpoint.started_at if checkpoint is not None else datetime.now(UTC),
+        resume=checkpoint is not None,
         enrolled=tuple(sorted(deployment.units)),
         connect_timeout=deployment.timeouts.connect,
         round_timeout=deployment.timeouts.round,
@@ -240,7 +250,8 @@ def make_server_app(plan_for: Callable[[Context], RunPlan] | None = None) -> Ser
             log(ERROR, "%s failed: %s", PROGRESS, err)
             raise
         final = plan.out
-        staging = staging_dir(final)
+        # a resumed run goes on in the interrupted run's partial directory
+        staging = Path(str(context.run_config["resume"])) if plan.resume else staging_dir(final)
         log(INFO, "%s run %s started: %s", PROGRESS, plan.run_id, final)
         try:
             run_federation(grid, context, replace(plan, out=staging))
@@ -253,7 +264,14 @@ def make_server_app(plan_for: Callable[[Context], RunPlan] | None = None) -> Ser
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            # Interrupted, not failed (the SuperLink went away, the process was stopped): a run
+            # with a checkpoint stays resumable (`silofed run --resume`), anything else goes.
+            if (staging / CHECKPOINT_FILE).exists():
+                log(
+                    ERROR, "%s interrupted; resume it with silofed run --resume %s", PROGRESS, final
+                )
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
             raise
         log(INFO, "%s run %s finished: %s", PROGRESS, plan.run_id, final)
 

@@ -44,6 +44,7 @@ class Checkpoint:
     job: Job
     parameters: list[np.ndarray]
     state: dict  # the record's and the strategy's state (see `save_checkpoint`)
+    audit_head: dict | None  # the coordinator's audit log when the checkpoint was taken
 
 
 def save_checkpoint(strategy, server_round: int, parameters: list[np.ndarray]) -> None:
@@ -68,7 +69,6 @@ def save_checkpoint(strategy, server_round: int, parameters: list[np.ndarray]) -
         "results": record.results,
         "pending_epsilon": record._pending_epsilon,
         "completed": {str(phase): r for phase, r in strategy.completed.items()},
-        "node_units": {str(node): unit for node, unit in strategy.node_units.items()},
         "sources": [_source_state(s) for s in _sources(strategy)],
     }
     document = {
@@ -87,6 +87,31 @@ def save_checkpoint(strategy, server_round: int, parameters: list[np.ndarray]) -
     write_atomic(plan.out / CHECKPOINT_FILE, json.dumps(document, indent=1))
     if record.audit is not None:
         record.audit.append("round.checkpointed", {"round": server_round})
+
+
+def find_interrupted(run_dir: Path) -> Path:
+    """The partial directory (`.NAME.partial-*` beside `run_dir`) of an interrupted run whose run
+    directory was to be `run_dir`, holding a checkpoint; the newest when there are several."""
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT_FILE).exists():
+        return run_dir  # the partial directory itself
+    if (run_dir / "report.json").exists():
+        raise ConfigurationError(f"--resume {run_dir}: that run finished; nothing to resume")
+    partial = sorted(
+        (p for p in run_dir.parent.glob(f".{run_dir.name}.partial-*") if p.is_dir()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not partial:
+        raise ConfigurationError(
+            f"--resume {run_dir}: no interrupted run with that run directory (a run can be "
+            "resumed once it has checkpointed a round; one that failed cleanly left nothing)"
+        )
+    if not (partial[-1] / CHECKPOINT_FILE).exists():
+        raise ConfigurationError(
+            f"--resume {run_dir}: the interrupted run ({partial[-1].name}) stopped before its "
+            "first round was checkpointed; start it again"
+        )
+    return partial[-1]
 
 
 def discard_checkpoint(directory: Path) -> None:
@@ -118,13 +143,16 @@ def load_checkpoint(directory: Path) -> Checkpoint:
             job=Job.model_validate(document["job"]),
             parameters=parameters,
             state=document["state"],
+            audit_head=document["audit_head"],
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConfigurationError(f"{path}: the checkpoint cannot be read ({err})") from None
 
 
 def restore(strategy, checkpoint: Checkpoint) -> None:
-    """Put `strategy` and its record back where the checkpoint left them."""
+    """Put `strategy` and its record back where the checkpoint left them. (Which node is which
+    BU is not restored: a restarted coordinator's nodes may have new ids, and every reply names
+    its BU.)"""
     record = strategy.record
     state = checkpoint.state
     record.plan = replace(record.plan, job=checkpoint.job)
@@ -139,11 +167,17 @@ def restore(strategy, checkpoint: Checkpoint) -> None:
     record.results = state["results"]
     record._pending_epsilon = dict(state["pending_epsilon"])
     strategy.completed.update({Phase(p): r for p, r in state["completed"].items()})
-    strategy.node_units.update({int(n): u for n, u in state["node_units"].items()})
     for source, saved in zip(_sources(strategy), state["sources"], strict=True):
         if saved is not None:
             source.set_state(saved)
     if record.audit is not None:
+        head = checkpoint.audit_head
+        if head is not None and record.audit.seq < head["seq"]:
+            raise ConfigurationError(
+                f"{record.audit.path}: the audit log holds {record.audit.seq} entries, fewer than "
+                f"the {head['seq']} it held at the checkpoint of round {checkpoint.server_round}; "
+                "it was cut short, and the run cannot go on with it"
+            )
         record.audit.append("run.resumed", {"after_round": checkpoint.server_round})
 
 

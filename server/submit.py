@@ -31,6 +31,7 @@ from federation.processes import flower_environment, flower_program, strip_colou
 from privacy.atomic import write_atomic
 from privacy.errors import ConfigurationError, RunFailed
 from server.artefacts import check_target, new_run_id
+from server.checkpoint import find_interrupted, load_checkpoint
 from server.coordinator import (
     CONNECTION,
     PROGRESS,
@@ -63,7 +64,13 @@ def write_app(directory: DeploymentDirectory) -> Path:
                         "serverapp": "server.app:app",
                         "clientapp": "clients.app:app",
                     },
-                    "config": {"job": "", "deployment": "", "out": "", "run-id": ""},
+                    "config": {
+                        "job": "",
+                        "deployment": "",
+                        "out": "",
+                        "run-id": "",
+                        "resume": "",
+                    },
                 }
             }
         },
@@ -79,14 +86,23 @@ def run_deadline(job: Job, connect: float, per_exchange: float) -> float:
 
 def submit(
     directory: DeploymentDirectory,
-    job: Job,
+    job: Job | None,
     *,
     out: Path | None = None,
     on_progress: Callable[[str], None] = lambda line: None,
+    resume: Path | None = None,
 ) -> tuple[Path, dict]:
     """Run `job` on the deployment; return the run directory and its report. A failed run
     raises RunFailed naming the cause (and the BU that dropped out), after its run directory,
-    when the coordinator wrote one, is in place."""
+    when the coordinator wrote one, is in place. `resume`: instead of a new job, go on with the
+    interrupted run that was to write that run directory, after its last checkpointed round
+    (the coordinator may have been killed and restarted in between)."""
+    partial = None
+    if resume is not None:
+        partial = find_interrupted(resume).resolve()
+        checkpoint = load_checkpoint(partial)
+        job, out = checkpoint.job, Path(resume)
+    assert job is not None
     deployment = directory.load()
     if not deployment.units:
         raise ConfigurationError(
@@ -100,7 +116,7 @@ def submit(
             f"no coordinator answers at {control_address(deployment)}; start it with "
             f"`silofed deploy coordinator {directory.root}`"
         )
-    run_id = new_run_id()
+    run_id = new_run_id() if partial is None else checkpoint.run_id
     out = (out or directory.runs / run_id).resolve()
     check_target(out, overwrite=False)
     if any(c in str(out) for c in "'\""):
@@ -114,6 +130,7 @@ def submit(
                 "deployment": str(directory.root),
                 "out": str(out),
                 "run-id": run_id,
+                "resume": "" if partial is None else str(partial),
             }
         ),
     )

@@ -24,12 +24,12 @@ from clients.steward import encrypt_silo, prepare_simulated_home
 from federation.exchanges import exchange_rounds, resolve_job, taking_part
 from federation.job import Job, JobKind, Task
 from privacy.atomic import write_atomic
-from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed
+from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed, SilofedError
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.aggregation import declared_sizes
 from server.app import make_server_app
 from server.artefacts import check_target, new_run_id, publish, staging_dir
-from server.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint
+from server.checkpoint import CHECKPOINT_FILE, Checkpoint, find_interrupted, load_checkpoint
 from server.run import RoundCallback, RunPlan
 from simulations.faults import Fault, check_faults, fault_mod
 from simulations.split import display_names, read_privacy_unit
@@ -53,6 +53,9 @@ class SimulationSettings:
     # seconds each exchange waits for the BUs' replies: room for 100 BUs preparing 10,000
     # customers each on 2 cores in the first round, and a bound on a BU that hangs
     round_timeout: float = 1800.0
+    workers: int | None = (
+        None  # Ray workers (one core each); default: one per core, at most one per BU
+    )
     overwrite: bool = False
     verbose: bool = False
 
@@ -82,8 +85,14 @@ def simulate(
     staging = staging_dir(out)
     try:
         return _simulate_in(staging, settings, job, on_round, None)
+    except SilofedError:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed run leaves nothing
+        raise
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # a failed run leaves nothing (kill -9 aside)
+        # Interrupted (Ctrl-C, a crash outside silofed): a run with a checkpoint stays
+        # resumable with `silofed simulate --resume`; anything else goes.
+        if not (staging / CHECKPOINT_FILE).exists():
+            shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
@@ -111,29 +120,13 @@ def resume(run_dir: Path, on_round: RoundCallback | None = None) -> SimulationRe
 
 def resumable(run_dir: Path) -> Path:
     """The partial directory of the killed simulation whose --out is `run_dir`."""
-    if (run_dir / SIMULATION_FILE).exists() and (run_dir / CHECKPOINT_FILE).exists():
-        return run_dir
-    if (run_dir / "report.json").exists():
-        raise ConfigurationError(f"--resume {run_dir}: that run completed; nothing to resume")
-    partial = sorted(
-        (
-            p
-            for p in run_dir.parent.glob(f".{run_dir.name}.partial-*")
-            if (p / SIMULATION_FILE).exists()
-        ),
-        key=lambda p: p.stat().st_mtime,
-    )
-    if not partial:
+    partial = find_interrupted(run_dir)
+    if not (partial / SIMULATION_FILE).exists():
         raise ConfigurationError(
-            f"--resume {run_dir}: no interrupted simulation with that --out (a run can be "
-            "resumed once it has checkpointed a round; a run that failed cleanly left nothing)"
+            f"--resume {run_dir}: {partial.name} is not a simulation's (no {SIMULATION_FILE}); "
+            "a deployment run resumes with `silofed run --resume`"
         )
-    if not (partial[-1] / CHECKPOINT_FILE).exists():
-        raise ConfigurationError(
-            f"--resume {run_dir}: the interrupted run ({partial[-1]}) ended before its first "
-            "round was checkpointed; start it again"
-        )
-    return partial[-1]
+    return partial
 
 
 def _simulate_in(
@@ -227,7 +220,7 @@ def _simulate_in(
     if job.secure_aggregation.enabled:
         deadline = min(deadline, job.secure_aggregation.timeout)  # each SecAgg+ stage's
     mods = [fault_mod(faults, names, deadline=deadline)] if faults else []
-    _run_engine(plan, nodes, mods=mods, verbose=settings.verbose)
+    _run_engine(plan, nodes, mods=mods, verbose=settings.verbose, workers=settings.workers)
     report_path = staging / "report.json"
     if not report_path.exists():
         raise RunFailed("the simulation ended without a report; see the Flower log above")
@@ -254,13 +247,15 @@ def _save_settings(staging: Path, settings: SimulationSettings, job: Job) -> Non
     write_atomic(staging / SIMULATION_FILE, json.dumps(document, indent=1))
 
 
-def _run_engine(plan: RunPlan, nodes: list[Node], *, mods: list, verbose: bool) -> None:
+def _run_engine(
+    plan: RunPlan, nodes: list[Node], *, mods: list, verbose: bool, workers: int | None = None
+) -> None:
     from flwr.simulation import run_simulation
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
-    cores = max(1, min(len(nodes), os.cpu_count() or 1))
+    cores = workers or max(1, min(len(nodes), os.cpu_count() or 1))
     try:
         run_simulation(
             server_app=make_server_app(lambda _context: plan),

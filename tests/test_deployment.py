@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from privacy.home import UnitHome
+from privacy.unit_config import UnitConfig
 from simulations.synthetic import synthesize
 from tests.deployment import LocalDeployment, local_deployment
 from tests.report_contract import assert_report_contract
@@ -259,3 +261,62 @@ def test_a_rotated_key_is_refused_and_registrations_survive_a_coordinator_restar
         states = {u["unit"]: u["state"] for u in status["units"]}
         assert states[unit] == "online"
         assert states[sorted(silos)[1]] == "registered"  # enrolled, never started
+
+
+@pytest.mark.slow
+def test_a_run_resumes_after_the_coordinator_is_killed_and_restarted(tmp_path: Path) -> None:
+    """kill -9 of the coordinator half-way through round 3; restarted, `silofed run --resume`
+    finishes the run, and every BU's ledger holds each (round, part) of the run once: a BU that
+    had answered round 3 replays that reply instead of spending again."""
+    silos = _silos(tmp_path / "silos", units=3)
+    job = _job(
+        tmp_path / "churn.toml",
+        'task = "churn"\nrounds = 4\nepsilon = 3.0\n[training]\nlocal_epochs = 1\n',
+    )
+    out = tmp_path / "run"
+    with local_deployment(tmp_path, silos) as running:
+        coordinator = running.start_coordinator()
+        nodes = {unit: running.start_node(unit) for unit in sorted(silos)}
+        for node in nodes.values():
+            node.wait_for("connected to")
+        submitted = running.start(
+            "run", "run", str(job), "--deployment", str(running.directory), "--out", str(out)
+        )
+        answered = f"replies/*/{3:06d}-train.json"
+        deadline = time.monotonic() + 600
+        while not any(any(h.glob(answered)) for h in running.homes.values()):
+            assert submitted.process.poll() is None, submitted.output()
+            assert time.monotonic() < deadline, "round 3 never started"
+            time.sleep(0.05)
+        coordinator.kill()
+        submitted.kill()
+        assert not out.exists()
+
+        running.start_coordinator()
+        for unit, node in nodes.items():
+            if node.process.poll() is not None:  # gave up waiting for the coordinator
+                nodes[unit] = running.start_node(unit)
+        for node in nodes.values():
+            node.wait_for("connected to", timeout=120)
+        # a node may finish the exchange it was computing after the coordinator died: what it
+        # stored by now is what it replays
+        replayed = {u for u, h in running.homes.items() if any(h.glob(answered))}
+        assert replayed
+        resumed = running.silofed(
+            "run", "--deployment", str(running.directory), "--resume", str(out)
+        )
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "completed" and report["federation"]["rounds_completed"] == 4
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+    for unit, bu_config in silos.items():
+        config = UnitConfig.load(bu_config)
+        with UnitHome(running.homes[unit], config).ledger() as ledger:
+            entries = ledger.entries(run_id=report["run_id"])
+        keys = [(e.round, e.part) for e in entries]
+        assert len(keys) == len(set(keys)) and {r for r, _ in keys} >= {1, 2, 3, 4}
+        events = [
+            json.loads(line)["event"]
+            for line in (running.homes[unit] / "audit.jsonl").read_text().splitlines()
+        ]
+        assert ("exchange.replayed" in events) == (unit in replayed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,13 @@ def test_a_run_killed_after_a_round_resumes_to_the_same_model_and_ledgers(
     checkpointed = _kill_in_round(silos, tmp_path / "homes", tmp_path / "run", KILL_AFTER + 1)
     assert checkpointed == KILL_AFTER  # killed after round 2, with round 3 half answered
     assert not (tmp_path / "run" / "report.json").exists()
+
+    # an audit log cut short since the checkpoint: refused before any BU is asked
+    shutil.copytree(tmp_path / "run", tmp_path / "cut")
+    log = tmp_path / "cut" / "audit.jsonl"
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:3]))
+    with pytest.raises(ConfigurationError, match="the audit log holds 3 entries, fewer than"):
+        run_in_process(job, configs, tmp_path / "homes", out=tmp_path / "cut", seed=0, resume=True)
 
     resumed = run_in_process(
         job, configs, tmp_path / "homes", out=tmp_path / "run", seed=0, resume=True

@@ -241,7 +241,7 @@ def test_the_job_travels_in_an_app_without_code(directory: DeploymentDirectory) 
         "serverapp": "server.app:app",
         "clientapp": "clients.app:app",
     }
-    assert set(config["config"]) == {"job", "deployment", "out", "run-id"}
+    assert set(config["config"]) == {"job", "deployment", "out", "run-id", "resume"}
 
 
 def test_the_run_deadline_is_the_sum_of_the_deployments_deadlines() -> None:
