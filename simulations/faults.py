@@ -144,6 +144,28 @@ def active(faults: Sequence[Fault], unit: str, server_round: int, phase: Phase) 
     ]
 
 
+def misbehave_before(acting: Sequence[Fault], deadline: float | None) -> None:
+    """What a BU with these faults does before it computes: a `crash` raises, a `timeout`
+    sleeps past `deadline` (the round's, in seconds)."""
+    for fault in acting:
+        if fault.kind == "crash":
+            raise InjectedCrash(f"injected fault: {fault}")
+        if fault.kind == "timeout":
+            if deadline is None:
+                raise ConfigurationError(f"--fault {fault}: the run has no round deadline")
+            time.sleep(deadline + LATE_BY)
+
+
+def tampered_by(
+    acting: Sequence[Fault], sent: list[np.ndarray], arrays: list[np.ndarray], weight: int
+) -> tuple[list[np.ndarray], int]:
+    """The update after every tampering fault among `acting` (see `tampered`)."""
+    for fault in acting:
+        if fault.kind in UPDATE_KINDS:
+            arrays, weight = tampered(fault.kind, sent, arrays, weight)
+    return arrays, weight
+
+
 def fault_mod(faults: Sequence[Fault], units: Sequence[str], *, deadline: float | None) -> Mod:
     """A client mod that makes the simulated node `partition-id` misbehave as `faults` say;
     `deadline`: the round's deadline in seconds, which a `timeout` BU overruns."""
@@ -158,22 +180,17 @@ def fault_mod(faults: Sequence[Fault], units: Sequence[str], *, deadline: float 
         ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         instruction = Instruction.from_config(ins.config)
         acting = active(faults, unit, instruction.server_round, instruction.phase)
-        for fault in acting:
-            if fault.kind == "crash":
-                raise InjectedCrash(f"injected fault: {fault}")
-            if fault.kind == "timeout":
-                if deadline is None:
-                    raise ConfigurationError(f"--fault {fault}: the run has no round deadline")
-                time.sleep(deadline + LATE_BY)
+        misbehave_before(acting, deadline)
         reply = call_next(msg, ctxt)
-        tampering = [f for f in acting if f.kind in UPDATE_KINDS]
-        if not tampering or reply.has_error():
+        if not any(f.kind in UPDATE_KINDS for f in acting) or reply.has_error():
             return reply
         res = compat.recorddict_to_fitres(reply.content, keep_input=True)
-        arrays, weight = parameters_to_ndarrays(res.parameters), res.num_examples
-        sent = parameters_to_ndarrays(ins.parameters)
-        for fault in tampering:
-            arrays, weight = tampered(fault.kind, sent, arrays, weight)
+        arrays, weight = tampered_by(
+            acting,
+            parameters_to_ndarrays(ins.parameters),
+            parameters_to_ndarrays(res.parameters),
+            res.num_examples,
+        )
         res.parameters, res.num_examples = ndarrays_to_parameters(arrays), weight
         reply.content = compat.fitres_to_recorddict(res, keep_input=True)
         return reply

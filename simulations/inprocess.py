@@ -29,15 +29,7 @@ from server.app import coordinator_strategy, write_run_directory
 from server.audit_trail import open_run_log
 from server.checkpoint import load_checkpoint, restore, save_checkpoint
 from server.run import RunPlan, RunRecord
-from simulations.faults import (
-    LATE_BY,
-    UPDATE_KINDS,
-    Fault,
-    InjectedCrash,
-    active,
-    check_faults,
-    tampered,
-)
+from simulations.faults import Fault, active, check_faults, misbehave_before, tampered_by
 
 ReplyCallback = Callable[[int, Phase, str, list[np.ndarray], int], None]
 
@@ -169,18 +161,10 @@ def _reply(
     """One BU's reply to `ins`, with its faults; a crash, or a reply past the deadline, raises."""
     acting = active(faults, unit, server_round, phase)
     started = time.monotonic()
-    for fault in acting:
-        if fault.kind == "crash":
-            raise InjectedCrash(f"injected fault: {fault}")
-        if fault.kind == "timeout":
-            if round_timeout is None:
-                raise ConfigurationError(f"fault {fault}: the run has no round deadline")
-            time.sleep(round_timeout + LATE_BY)
+    misbehave_before(acting, round_timeout)
     sent = parameters_to_ndarrays(ins.parameters)
     arrays, examples, metrics = client.fit(sent, ins.config)
     if round_timeout is not None and time.monotonic() - started > round_timeout:
         raise TimeoutError(f"no reply within {round_timeout:g} s")
-    for fault in acting:
-        if fault.kind in UPDATE_KINDS:
-            arrays, examples = tampered(fault.kind, sent, arrays, examples)
+    arrays, examples = tampered_by(acting, sent, arrays, examples)
     return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), examples, metrics)

@@ -16,26 +16,14 @@ from privacy import tomlfile
 from privacy.errors import ConfigurationError
 from privacy.tomlfile import MAX_TOML_BYTES
 from privacy.unit_config import UnitConfig
+from tests.strategies import nested_values
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 # Values a TOML document may hold, nested a little: what a job or bu.toml section could contain.
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20),
-)
-values = st.recursive(
-    scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+scalars, values = nested_values(integer_bits=64)
 JOB_KEYS = [*Job.model_fields, "seed", "unknown"]
 
 

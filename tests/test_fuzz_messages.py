@@ -37,6 +37,7 @@ from federation.wire import (
 )
 from privacy.errors import ConfigurationError, RunFailed
 from simulations.synthetic import unit_names, unit_schema
+from tests.strategies import nested_values
 
 FUZZ = settings(max_examples=150, deadline=None)
 
@@ -74,20 +75,7 @@ REFUSAL = Refusal(unit="ecommerce", reason="the job would exceed the purpose's b
 
 # --- strategies ---------------------------------------------------------------------------------
 
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20),
-)
-values = st.recursive(
-    scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+scalars, values = nested_values(integer_bits=71)
 
 
 def mostly(strategy: st.SearchStrategy) -> st.SearchStrategy:
