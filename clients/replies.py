@@ -11,6 +11,12 @@ The reply is stored after the ledger has recorded its release, so a crash betwee
 recorded release without a stored reply: the BU then refuses to answer that exchange again (its
 ledger shows it answered), which errs towards spending less, never more. Arrays are plain numbers
 (`np.load` with `allow_pickle=False`); the instruction's digest binds a reply to its exchange.
+
+What is stored is what the BU sent: a DP release under local noise, but under the central and
+distributed placements the clipped update before the coordinator's noise (or with only this BU's
+share of it), as sensitive as the silo it came from. It stays in the BU's home, never in a run
+directory, and a run's replies are deleted once untouched for `RETENTION_SECONDS` (a resume comes
+within hours of the crash, not weeks).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +34,7 @@ from federation.wire import Instruction
 from privacy.atomic import write_atomic
 
 REPLIES_DIR = "replies"
+RETENTION_SECONDS = 7 * 24 * 3600
 
 
 def _paths(home: Path, instruction: Instruction) -> tuple[Path, Path]:
@@ -65,6 +74,19 @@ def store_reply(home: Path, instruction: Instruction, reply: tuple) -> None:
         "metrics": metrics,
     }
     write_atomic(meta, json.dumps(document))  # last: the reply exists once this does
+    prune(home, now=time.time())
+
+
+def prune(home: Path, *, now: float) -> list[Path]:
+    """Delete the stored replies of every run untouched for `RETENTION_SECONDS`; the runs'
+    directories removed."""
+    removed = []
+    for run in sorted((home / REPLIES_DIR).glob("*")):
+        files = [f for f in run.iterdir() if f.is_file()] if run.is_dir() else []
+        if run.is_dir() and all(now - f.stat().st_mtime > RETENTION_SECONDS for f in files):
+            shutil.rmtree(run, ignore_errors=True)
+            removed.append(run)
+    return removed
 
 
 def stored_reply(home: Path, instruction: Instruction) -> tuple | None:

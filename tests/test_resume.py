@@ -224,3 +224,17 @@ def test_silofed_simulate_resume_after_kill_9_ends_like_an_uninterrupted_run(
         u: [e[1:] for e in entries] for u, entries in theirs.items()
     }
     assert not list(tmp_path.glob(".run.partial-*"))
+
+
+def test_stored_replies_are_deleted_once_untouched_for_the_retention(tmp_path: Path) -> None:
+    from clients.replies import RETENTION_SECONDS, prune
+
+    now = time.time()
+    for name, age in (("old", RETENTION_SECONDS + 60), ("recent", RETENTION_SECONDS - 60)):
+        run = tmp_path / REPLIES_DIR / name
+        run.mkdir(parents=True)
+        for stem in ("000001-train.npz", "000001-train.json"):
+            (run / stem).write_bytes(b"x")
+            os.utime(run / stem, (now - age, now - age))
+    assert prune(tmp_path, now=now) == [tmp_path / REPLIES_DIR / "old"]
+    assert sorted(p.name for p in (tmp_path / REPLIES_DIR).iterdir()) == ["recent"]
