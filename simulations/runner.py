@@ -102,19 +102,21 @@ def resume(run_dir: Path, on_round: RoundCallback | None = None) -> SimulationRe
     BU homes, seed, job, run id and start time; if it fails again, the partial directory stays
     for another try."""
     staging = resumable(Path(run_dir))
-    saved = json.loads((staging / SIMULATION_FILE).read_text(encoding="utf-8"))
-    settings = SimulationSettings(
-        **{
-            **saved["settings"],
-            "out": Path(saved["settings"]["out"]),
-            "data": None if saved["settings"]["data"] is None else Path(saved["settings"]["data"]),
-            "homes": None
-            if saved["settings"]["homes"] is None
-            else Path(saved["settings"]["homes"]),
-            "faults": tuple(saved["settings"]["faults"]),
-        }
-    )
-    job = Job.model_validate(saved["job"])
+    path = staging / SIMULATION_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        settings = SimulationSettings(
+            **{
+                **saved["settings"],
+                **{k: Path(v) for k, v in saved["settings"].items() if k in _PATHS and v},
+                "faults": tuple(saved["settings"]["faults"]),
+            }
+        )
+        job = Job.model_validate(saved["job"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigurationError(
+            f"{path}: the interrupted run's settings are unreadable ({err})"
+        ) from None
     return _simulate_in(staging, settings, job, on_round, load_checkpoint(staging))
 
 
@@ -234,13 +236,15 @@ def _simulate_in(
     return SimulationResult(out=out, report=report)
 
 
+_PATHS = ("out", "data", "homes")  # the settings that are paths
+
+
 def _save_settings(staging: Path, settings: SimulationSettings, job: Job) -> None:
-    """What `resume` needs to rebuild the run: the settings and the job as given."""
+    """What `resume` needs to rebuild the run: the settings (paths made absolute, so that it may
+    resume from another directory) and the job as given."""
     saved = {
-        **{k: v for k, v in asdict(settings).items()},
-        "out": str(settings.out),
-        "data": None if settings.data is None else str(Path(settings.data).resolve()),
-        "homes": None if settings.homes is None else str(Path(settings.homes).resolve()),
+        **asdict(settings),
+        **{k: str(Path(getattr(settings, k)).resolve()) for k in _PATHS if getattr(settings, k)},
         "faults": list(settings.faults),
     }
     document = {"settings": saved, "job": job.model_dump(mode="json")}
