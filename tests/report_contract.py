@@ -19,6 +19,8 @@ TOP_LEVEL = {
     "federation.units": list,
     "federation.display_names": dict,
     "federation.rounds_completed": int,
+    "federation.rejected": list,
+    "federation.aggregation": dict,
     "privacy.unit": str,
     "privacy.delta": float,
     "privacy.disclosed": list,
