@@ -71,7 +71,16 @@ from federation.models import set_parameters
 from federation.ranges import apply_ranges, histogram_vector
 from federation.secagg import grid_scale, shares_and_threshold, statistics_range
 from federation.tasks import adapter
-from federation.wire import UNIT_KEY, DroppedColumn, Instruction, Phase, Refusal, UnitReport
+from federation.wire import (
+    EXCHANGE_KEY,
+    UNIT_KEY,
+    DroppedColumn,
+    Instruction,
+    Phase,
+    Refusal,
+    UnitReport,
+    exchange_tag,
+)
 from privacy.accounting import (
     ALL,
     HOLDOUT,
@@ -428,6 +437,9 @@ class BusinessUnitClient(NumPyClient):
                 last = is_last_exchange(job, phase, instruction.server_round)
                 if last:
                     ledger.release(instruction.run_id, job.purpose, now=datetime.now(UTC))
+            arrays, weight, metrics = reply
+            tag = exchange_tag(instruction.run_id, instruction.server_round, phase)
+            reply = arrays, weight, {**metrics, EXCHANGE_KEY: tag}
             # after the ledger holds the release (clients/replies.py says why in that order)
             store_reply(home.directory, instruction, reply)
             if phase in (Phase.TRAIN, Phase.QUERY) or (

@@ -260,6 +260,13 @@ class UnitReport(BaseModel):
 
 
 UNIT_KEY = _PREFIX + "unit"
+EXCHANGE_KEY = _PREFIX + "exchange"  # every reply names the exchange it answers
+
+
+def exchange_tag(run_id: str, server_round: int, phase: Phase) -> str:
+    """What a reply carries under `EXCHANGE_KEY`: the run, round and phase it answers, so that a
+    late reply to an earlier exchange, or one from another run, is told apart."""
+    return f"{run_id}/{server_round}/{phase}"
 
 
 def unit_of(metrics: dict) -> str:

@@ -38,7 +38,16 @@ from federation.ranges import windows_from_histograms
 from federation.secagg import shares_and_threshold
 from federation.segments import initial_centroids, update_centroids
 from federation.tasks import adapter
-from federation.wire import UNIT_KEY, Instruction, Phase, UnitReport, refusal_of, unit_of
+from federation.wire import (
+    EXCHANGE_KEY,
+    UNIT_KEY,
+    Instruction,
+    Phase,
+    UnitReport,
+    exchange_tag,
+    refusal_of,
+    unit_of,
+)
 from privacy.errors import RefusedByUnit, RunFailed
 from privacy.mechanisms import Placement
 from privacy.samplers import SecureSource, SeededSource
@@ -161,6 +170,7 @@ class FederatedRounds(Strategy):
             answered = [
                 (proxy, res) for proxy, res in answered if self._valid(server_round, proxy, res)
             ]
+            answered = self._first_per_unit(server_round, answered)
         if not answered and not failures and self.record.refused:
             raise RefusedByUnit(
                 "every BU refused the job: "
@@ -210,6 +220,15 @@ class FederatedRounds(Strategy):
     def _valid(self, server_round: int, proxy: ClientProxy, res: FitRes) -> bool:
         """Whether a reply may be combined; a rejected one is recorded with its reason."""
         unit = self.node_units.get(proxy.node_id)
+        expected = exchange_tag(self._plan.run_id, server_round, self.phase)
+        answers = res.metrics.get(EXCHANGE_KEY)
+        if answers != expected:
+            self._reject(
+                server_round,
+                unit or f"node {proxy.node_id}",
+                f"a reply to another exchange ({answers!r}, not {expected!r}): late or replayed",
+            )
+            return False
         try:
             reason = self._oversized(res.parameters, server_round)
             if reason is None:
@@ -224,6 +243,21 @@ class FederatedRounds(Strategy):
             with contextlib.suppress(RunFailed):
                 self.record.record_spent(UnitReport.from_metrics(res.metrics))
         return False
+
+    def _first_per_unit(
+        self, server_round: int, answered: list[tuple[ClientProxy, FitRes]]
+    ) -> list[tuple[ClientProxy, FitRes]]:
+        """One reply per BU: a second one for the same exchange is rejected, never counted twice."""
+        seen: set[str] = set()
+        kept = []
+        for proxy, res in answered:
+            unit = self.node_units.get(proxy.node_id, f"node {proxy.node_id}")
+            if unit in seen:
+                self._reject(server_round, unit, "a second reply to this exchange")
+                continue
+            seen.add(unit)
+            kept.append((proxy, res))
+        return kept
 
     def _oversized(self, parameters: Parameters, server_round: int) -> str | None:
         """Refuse a reply larger than the exchange can need before it is deserialised: the

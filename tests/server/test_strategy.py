@@ -23,7 +23,16 @@ from flwr.server.strategy import FedAvg, Strategy
 from federation.evaluation import ScoreSummary
 from federation.features import resolve_feature_spec
 from federation.job import Job
-from federation.wire import UNIT_KEY, DroppedColumn, Instruction, Phase, Refusal, UnitReport
+from federation.wire import (
+    EXCHANGE_KEY,
+    UNIT_KEY,
+    DroppedColumn,
+    Instruction,
+    Phase,
+    Refusal,
+    UnitReport,
+    exchange_tag,
+)
 from privacy.errors import RefusedByUnit, RunFailed
 from server.audit_trail import open_run_log
 from server.report import build_report, render_html
@@ -101,14 +110,19 @@ def _rounds(inner: Strategy, record: RunRecord, sent: int = 2) -> FederatedRound
     return strategy
 
 
+def _answers(server_round: int = 1, phase: Phase = Phase.TRAIN) -> dict[str, str]:
+    """The exchange a reply of run r1 names, as every BU's reply does."""
+    return {EXCHANGE_KEY: exchange_tag("r1", server_round, phase)}
+
+
 def _train_reply(
-    node: int, arrays: list[np.ndarray], report: UnitReport
+    node: int, arrays: list[np.ndarray], report: UnitReport, server_round: int = 1
 ) -> tuple[ClientProxy, FitRes]:
     return Proxy(node), FitRes(
         Status(Code.OK, ""),
         ndarrays_to_parameters(arrays),
         report.records_used,
-        report.to_metrics(),
+        {**report.to_metrics(), **_answers(server_round)},
     )
 
 
@@ -155,7 +169,7 @@ def test_evaluation_rounds_sum_the_units_statistics(tmp_path: Path) -> None:
                 Status(Code.OK, ""),
                 ndarrays_to_parameters(p.to_arrays()),
                 p.count,
-                {UNIT_KEY: f"u{i}"},
+                {UNIT_KEY: f"u{i}", **_answers(1, Phase.EVALUATE)},
             ),
         )
         for i, p in enumerate(parts)
@@ -255,7 +269,7 @@ def test_report_from_a_record_holds_the_contract_and_renders(tmp_path: Path) -> 
                     Status(Code.OK, ""),
                     ndarrays_to_parameters(summary.to_arrays()),
                     3,
-                    {UNIT_KEY: "a"},
+                    {UNIT_KEY: "a", **_answers(1, Phase.EVALUATE)},
                 ),
             )
         ],
@@ -281,7 +295,7 @@ def test_a_dropped_node_is_named_by_its_bu_in_the_error_and_the_record(tmp_path:
     failure = Exception("Error(code=5, reason='node 7: no reply within 30 s')")
     with pytest.raises(RunFailed, match=r"retail: no reply: node 7: no reply within 30 s"):
         strategy.aggregate_fit(
-            2, [_train_reply(3, [np.ones(2)], _report("ecommerce", 5))], [failure]
+            2, [_train_reply(3, [np.ones(2)], _report("ecommerce", 5), 2)], [failure]
         )
     assert record.dropouts == [
         {
@@ -368,7 +382,7 @@ def test_each_malformed_update_is_named(tmp_path, arrays, weight, reason) -> Non
             Status(Code.OK, ""),
             ndarrays_to_parameters(arrays),
             weight,
-            _report("b", 5).to_metrics(),
+            {**_report("b", 5).to_metrics(), **_answers()},
         ),
     )
     strategy.aggregate_fit(1, [_train_reply(1, [np.ones(2)], _report("a", 5)), bad], [])
@@ -393,3 +407,22 @@ def test_a_declared_size_bounds_the_weight(tmp_path: Path) -> None:
     assert [(e["unit"], e["reason"]) for e in record.rejected] == [
         ("b", "weight 5000 is outside 1..100, the BU's declared size")
     ]
+
+
+def test_a_late_reply_to_an_earlier_round_and_a_second_reply_are_rejected(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    strategy = _rounds(FedAvg(), record)
+    parameters, _ = strategy.aggregate_fit(
+        2,
+        [
+            _train_reply(1, [np.ones(2)], _report("a", 5), 2),
+            _train_reply(2, [np.ones(2)], _report("b", 5), 1),  # answers round 1
+            _train_reply(1, [np.full(2, 9.0)], _report("a", 5), 2),  # a again
+        ],
+        [],
+    )
+    assert [(e["unit"], e["reason"]) for e in record.rejected] == [
+        ("b", "a reply to another exchange ('r1/1/train', not 'r1/2/train'): late or replayed"),
+        ("a", "a second reply to this exchange"),
+    ]
+    np.testing.assert_array_equal(parameters_to_ndarrays(parameters)[0], np.ones(2))  # a's first
