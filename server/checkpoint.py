@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from flwr.common import Parameters, ndarrays_to_parameters
 
 from federation.job import Job
 from federation.wire import Phase, UnitReport
@@ -147,6 +148,20 @@ def load_checkpoint(directory: Path) -> Checkpoint:
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConfigurationError(f"{path}: the checkpoint cannot be read ({err})") from None
+
+
+def starting_point(
+    strategy, client_manager, checkpoint: Checkpoint | None = None
+) -> tuple[Parameters, int]:
+    """Where a run starts: the initial parameters and round 1, or, when its plan resumes, the
+    parameters and the round after its checkpoint (`checkpoint`, when already read), with the
+    strategy and its record restored."""
+    plan = strategy.record.plan
+    if not plan.resume:
+        return strategy.initialize_parameters(client_manager), 1
+    checkpoint = checkpoint or load_checkpoint(plan.out)
+    restore(strategy, checkpoint)
+    return ndarrays_to_parameters(checkpoint.parameters), checkpoint.server_round + 1
 
 
 def restore(strategy, checkpoint: Checkpoint) -> None:

@@ -13,7 +13,7 @@ import timeit
 from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Error, Message
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
 from flwr.compat.common import recorddict_compat as compat
 from flwr.compat.server.typing import Workflow
@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from federation.exchanges import phases
 from federation.wire import Phase
 from privacy.errors import RunFailed
-from server.checkpoint import load_checkpoint, restore, save_checkpoint
+from server.checkpoint import save_checkpoint, starting_point
 from server.strategy import FederatedRounds
 
 NODE_POLL_SECONDS = 1.0
@@ -136,14 +136,7 @@ class RoundsWorkflow:
         try:
             registered.wait()
             plan = strategy.record.plan
-            first = 1
-            if plan.resume:
-                checkpoint = load_checkpoint(plan.out)
-                restore(strategy, checkpoint)
-                parameters = ndarrays_to_parameters(checkpoint.parameters)
-                first = checkpoint.server_round + 1
-            else:
-                parameters = strategy.initialize_parameters(context.client_manager)
+            parameters, first = starting_point(strategy, context.client_manager)
             context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
                 parameters, keep_input=True
             )

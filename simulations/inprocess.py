@@ -27,7 +27,7 @@ from privacy.unit_config import UnitConfig
 from server.aggregation import declared_sizes
 from server.app import coordinator_strategy, write_run_directory
 from server.audit_trail import open_run_log
-from server.checkpoint import load_checkpoint, restore, save_checkpoint
+from server.checkpoint import load_checkpoint, save_checkpoint, starting_point
 from server.run import RunPlan, RunRecord
 from simulations.faults import Fault, active, check_faults, misbehave_before, tampered_by
 
@@ -108,12 +108,7 @@ def run_in_process(
         proxy.node_id: (config.unit, BusinessUnitClient(node))
         for proxy, node, config in zip(proxies, nodes, configs, strict=True)
     }
-    parameters = strategy.initialize_parameters(manager)
-    first = 1
-    if checkpoint is not None:
-        restore(strategy, checkpoint)
-        parameters = ndarrays_to_parameters(checkpoint.parameters)
-        first = checkpoint.server_round + 1
+    parameters, first = starting_point(strategy, manager, checkpoint)
     try:
         for server_round in range(first, exchange_rounds(job) + 1):
             for phase in phases(record.plan.job, server_round):
