@@ -28,6 +28,7 @@ from federation.features import (
     Tenure,
 )
 from federation.ranges import apply_ranges
+from privacy.frames import among
 
 _DAY = pd.Timedelta(days=1)
 
@@ -75,7 +76,7 @@ def compute_features(
         isinstance(f, Recency | Frequency | Monetary | ChannelMix) for f in spec.features
     ):
         window = tx[(tx["timestamp"] > start) & (tx["timestamp"] <= observed)]
-        window = window[window[customer_key].astype(str).isin(index)]
+        window = window[among(window[customer_key].astype(str), index)]
         per_customer = window.assign(_id=window[customer_key].astype(str)).groupby("_id")
 
     blocks: list[np.ndarray] = []

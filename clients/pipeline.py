@@ -25,6 +25,7 @@ from federation.features import Categorical, ChannelMix, FeatureSpec
 from federation.job import Job
 from privacy.consent import Exclusion
 from privacy.errors import ConfigurationError, PolicyViolation
+from privacy.frames import among
 from privacy.minimisation import ColumnDrop, minimise
 from privacy.pseudonyms import generalise, pseudonymise_tables
 from privacy.registry import ConsentRegistry
@@ -146,7 +147,7 @@ def prepare_tables(
         tombstone_key=keys.pseudonym,
     )
     consented = {
-        name: frame[frame[config.tables[name].key].isin(decision.consented)]
+        name: frame[among(frame[config.tables[name].key], decision.consented)]
         for name, frame in silo.tables.items()
     }
 

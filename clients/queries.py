@@ -35,6 +35,7 @@ from federation.queries import (
     window_start,
 )
 from privacy.errors import SiloError
+from privacy.frames import among
 from privacy.unit_config import UnitConfig
 
 _DAY = pd.Timedelta(days=1)
@@ -93,7 +94,7 @@ class _Rows:
             frame = self.tables[table].reset_index(drop=True)
             ids = frame[self._key(table)].astype(str)
             if table != CUSTOMERS:
-                known = ids.isin(self.customers.index)
+                known = among(ids, self.customers.index)
                 frame, ids = frame[known].reset_index(drop=True), ids[known].reset_index(drop=True)
             self._frames[cache] = frame.assign(_customer=ids.to_numpy())
         return self._frames[cache]
@@ -132,7 +133,7 @@ class _Rows:
             tx = self.tables[TRANSACTIONS]
             stamp = pd.to_datetime(tx[_name(PURCHASE_TIME)])
             ids = tx[self._key(TRANSACTIONS)].astype(str)
-            inside = (stamp > start) & (stamp <= observed) & ids.isin(self.customers.index)
+            inside = (stamp > start) & (stamp <= observed) & among(ids, self.customers.index)
             self._frames["window"] = tx[inside].assign(_customer=ids[inside], _stamp=stamp[inside])
         return self._frames["window"]
 

@@ -23,7 +23,7 @@ from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
 from privacy.encryption import ENCRYPTED_SUFFIX, KeyRing, read_encrypted
 from privacy.errors import ConfigurationError, SiloError
-from privacy.quality import assess, exclude_invalid
+from privacy.quality import assess, exclude_invalid, present_values
 from privacy.schema import ColumnSpec, ColumnType
 from privacy.unit_config import UnitConfig
 
@@ -91,7 +91,7 @@ def read_table(path: Path, *, keyring: KeyRing | None = None, unit: str = "") ->
 def typed(raw: pd.Series, spec: ColumnSpec) -> pd.Series:
     """The column converted to its declared type. Values were checked by `privacy.quality.assess`
     before; this only converts."""
-    present = raw.notna() & (raw.astype(str).str.strip() != "")
+    present = present_values(raw)
     if spec.type in (ColumnType.INTEGER, ColumnType.FLOAT):
         return pd.to_numeric(raw.where(present), errors="coerce")
     if spec.type in (ColumnType.DATE, ColumnType.DATETIME):

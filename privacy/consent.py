@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from privacy.errors import ConfigurationError, ConsentMissing
+from privacy.frames import among
 
 CONSENT_COLUMNS = ("customer_id", "purpose", "granted", "timestamp")
 GUARDIAN_COLUMN = "guardian"  # optional: True when a guardian gave the consent for a minor
@@ -97,14 +98,14 @@ def consented_customers(
     granted = pd.Series(latest["granted"].astype(bool).to_numpy(), index=latest_ids).reindex(ids)
     guardian = pd.Series(_guardian_flags(latest, unit).to_numpy(), index=latest_ids).reindex(ids)
 
-    is_erased = ids.isin(list(erased))
+    is_erased = among(ids, erased)
     no_consent = ~is_erased & granted.isna().to_numpy()
     revoked = ~is_erased & granted.eq(False).to_numpy()
     if now is not None:
         revoked |= (
             ~is_erased
             & granted.eq(True).to_numpy()
-            & ids.isin(_revoked_between(events, purpose, start, _naive_utc(now), unit))
+            & among(ids, _revoked_between(events, purpose, start, _naive_utc(now), unit))
         )
     minor = np.zeros(len(ids), dtype=bool)
     if minor_age is not None and ages is not None:

@@ -25,6 +25,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from privacy.errors import ConfigurationError, SiloError
+from privacy.frames import among
 from privacy.schema import ColumnSpec, ColumnType, SiloSchema, TableSpec
 
 # The table whose rows are one per customer: a repeated id there is a data error.
@@ -219,7 +220,7 @@ def exclude_invalid(
     wrong, not just incomplete."""
     kept: dict[str, pd.DataFrame] = {}
     for table, frame in tables.items():
-        keep = ~frame[schema.tables[table].key].astype(str).isin(report.invalid_customers)
+        keep = ~among(frame[schema.tables[table].key].astype(str), report.invalid_customers)
         if table in report.tables:
             keep &= ~report.tables[table].invalid
         kept[table] = frame.loc[keep.to_numpy(dtype=bool)].copy()
@@ -251,7 +252,7 @@ def _check_column(
 ) -> _ColumnCheck:
     """The checks of `clients.silo.coerce_column`, as masks instead of a first error."""
     nothing = pd.Series(False, index=raw.index)
-    present = raw.notna() & (raw.astype(str).str.strip() != "")
+    present = present_values(raw)
     type_bad = domain_bad = range_bad = format_bad = nothing
     failures: list[_Failure] = []
     if spec.type in (ColumnType.INTEGER, ColumnType.FLOAT):
@@ -315,6 +316,22 @@ def _check_column(
         format_failures=int(format_bad.sum()),
     )
     return _ColumnCheck(values, present, quality, tuple(failures))
+
+
+def present_values(raw: pd.Series) -> pd.Series:
+    """Which values are there: not missing and, for text, not blank. Numbers, times and booleans
+    are only tested for missing (their text is never blank); converting them to text first, as
+    text columns need, would cost more than every other check of the column together."""
+    known = raw.notna()
+    if (
+        pd.api.types.is_numeric_dtype(raw)
+        or pd.api.types.is_bool_dtype(raw)
+        or pd.api.types.is_datetime64_any_dtype(raw)
+    ):
+        return known
+    if isinstance(raw.dtype, pd.StringDtype):  # "str" and "string": stripped where they are
+        return known & (raw.str.strip() != "").fillna(False).astype(bool)
+    return known & (raw.astype(str).str.strip() != "")
 
 
 def _is_number(raw: pd.Series) -> bool:

@@ -27,6 +27,7 @@ import pandas as pd
 
 from privacy.consent import CONSENT_COLUMNS, GUARDIAN_COLUMN, ConsentDecision, consented_customers
 from privacy.errors import ConfigurationError, ConsentMissing
+from privacy.frames import among
 from privacy.lineage import iso_utc
 from privacy.pseudonyms import customer_digest
 from privacy.store import SqliteState, open_unit_store, transaction
@@ -134,7 +135,7 @@ class ConsentRegistry(SqliteState):
         imported_at = iso_utc(now if now is not None else datetime.now(UTC))
         with transaction(self._connection):
             gone = self._tombstoned(rows["customer_id"].unique(), tombstone_key)
-            skipped = rows["customer_id"].isin(list(gone))
+            skipped = among(rows["customer_id"], gone)
             kept = rows[~skipped]
             before = self._connection.total_changes
             self._connection.executemany(
