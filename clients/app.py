@@ -44,6 +44,7 @@ from clients.pipeline import (
     features_of,
     prepare_tables,
 )
+from clients.prepared import discard_prepared, load_prepared, save_prepared
 from clients.queries import query_vector
 from clients.replies import store_reply, stored_reply
 from clients.segments import segment_vector
@@ -303,8 +304,16 @@ def _next_consent_event(
 
 
 LINEAGE_FILE = "lineage.sqlite"  # in the BU's home: the file `UnitHome.lineage()` opens
-# (fingerprint, run id, lineage file identity) of the lineage this process has recorded
-_LINEAGE_RECORDED: set[tuple[str, str, _FileIdentity | None]] = set()
+# (fingerprint, run id, lineage file's device and inode) of the lineage this process recorded
+_LINEAGE_RECORDED: set[tuple[str, str, tuple[int, int] | None]] = set()
+
+
+def _lineage_file(path: Path) -> tuple[int, int] | None:
+    """Which file the lineage is: its device and inode. Not its size or times, which the BU's
+    other processes change with each run they record (the lineage only grows); a lineage file
+    deleted or replaced is another file."""
+    identity = _file_identity(path)
+    return None if identity is None else (identity.device, identity.inode)
 
 
 def _record_lineage(
@@ -314,7 +323,7 @@ def _record_lineage(
     per run and customer digest, inserted or ignored), so recording again the very customers this
     process recorded for the run, into the same file, changes nothing, and is skipped."""
     path = home.directory / LINEAGE_FILE
-    done = (fingerprint, instruction.run_id, _file_identity(path)) if fingerprint else None
+    done = (fingerprint, instruction.run_id, _lineage_file(path)) if fingerprint else None
     if done is not None and done in _LINEAGE_RECORDED:
         return
     with home.lineage() as lineage:
@@ -323,7 +332,7 @@ def _record_lineage(
             instruction.run_id, used, purpose=instruction.job.purpose, now=datetime.now(UTC)
         )
     if fingerprint is not None:
-        _LINEAGE_RECORDED.add((fingerprint, instruction.run_id, _file_identity(path)))
+        _LINEAGE_RECORDED.add((fingerprint, instruction.run_id, _lineage_file(path)))
 
 
 def _customers_only(tables: PreparedTables) -> PreparedTables:
@@ -437,6 +446,8 @@ class BusinessUnitClient(NumPyClient):
                 last = is_last_exchange(job, phase, instruction.server_round)
                 if last:
                     ledger.release(instruction.run_id, job.purpose, now=datetime.now(UTC))
+                    if fingerprint is not None:  # the job needs it no more
+                        discard_prepared(home.directory, fingerprint)
             arrays, weight, metrics = reply
             tag = exchange_tag(instruction.run_id, instruction.server_round, phase)
             reply = arrays, weight, {**metrics, EXCHANGE_KEY: tag}
@@ -475,6 +486,12 @@ class BusinessUnitClient(NumPyClient):
         )
         now = datetime.now(UTC)
         kept = _PREPARED.get(fingerprint) if fingerprint is not None else None
+        if kept is None and fingerprint is not None:
+            # another process serving this BU may have prepared it (clients/prepared.py)
+            shared = load_prepared(home.directory, fingerprint)
+            if shared is not None:
+                kept = _PreparedData(*shared)
+                _keep(fingerprint, kept)
         if kept is not None and kept.holds_at(now):
             _PREPARED.move_to_end(fingerprint)
             return kept.tables, _in_windows(kept.matrix, ranged), fingerprint
@@ -499,7 +516,9 @@ class BusinessUnitClient(NumPyClient):
             return tables, None, None
         matrix = compute_features(tables.tables, job.feature_spec, customer_key=tables.customer_key)
         if fingerprint is not None:
-            _keep(fingerprint, _PreparedData.of(tables, matrix, next_event))
+            data = _PreparedData.of(tables, matrix, next_event)
+            _keep(fingerprint, data)
+            save_prepared(home.directory, fingerprint, data.tables, data.packed, next_event)
         return tables, _in_windows(matrix, ranged), fingerprint
 
     def _evaluation_vector(self, prepared: PreparedUnit, parameters, job) -> np.ndarray:

@@ -148,6 +148,17 @@ def read_tables(config: UnitConfig, *, keyring: KeyRing | None = None) -> dict[s
     }
 
 
+def check_silo(config: UnitConfig, *, keyring: KeyRing | None = None) -> None:
+    """Raise what `load_silo` would raise for this silo (an unreadable file, a missing column,
+    with `on_invalid = "error"` the first invalid value), without typing its tables."""
+    assess(
+        read_tables(config, keyring=keyring),
+        config,
+        config.quality,
+        directory=config.source.directory,
+    )
+
+
 def load_silo(config: UnitConfig, *, keyring: KeyRing | None = None) -> Silo:
     """Read, check and type every declared table of the BU's silo."""
     raw = read_tables(config, keyring=keyring)

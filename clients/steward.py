@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import tomli_w
 
+from clients.prepared import discard_prepared
 from clients.silo import SILO_PURPOSE, read_table, read_tables, table_file
 from privacy.atomic import write_atomic
 from privacy.encryption import ENCRYPTED_SUFFIX, read_encrypted, rotate_files, write_encrypted
@@ -170,6 +171,7 @@ def erase_customer(
     key = home.pseudonym_key()
     with home.registry() as registry:
         removed = registry.erase(customer_id, tombstone_key=key, now=now)
+    discard_prepared(home.directory)  # it may hold the customer's features
     with home.lineage() as lineage:
         runs = lineage.runs_using(customer_id, key=key)
     # The log says that an erasure happened and what it removed; never whom (GDPR Art. 17 and

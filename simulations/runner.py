@@ -19,7 +19,7 @@ from pathlib import Path
 
 from clients.app import Node, make_client_app
 from clients.budget import would_admit
-from clients.silo import load_silo
+from clients.silo import check_silo
 from clients.steward import encrypt_silo, prepare_simulated_home
 from federation.exchanges import exchange_rounds, resolve_job, taking_part
 from federation.job import Job, JobKind, Task
@@ -184,9 +184,10 @@ def _simulate_in(
         if settings.encrypt_at_rest and not config.source.encrypted:
             encrypt_silo(bu_config, home)
             config = UnitConfig.load(bu_config)
-        # Check every silo now, with the loader the BUs use, so that a malformed silo stops
-        # the run before the Simulation Engine starts and names the file, column and row.
-        load_silo(config, keyring=home.keyring() if config.source.encrypted else None)
+        # Check every silo now, with the reader and checks the BUs use, so that a malformed
+        # silo stops the run before the Simulation Engine starts and names the file, column
+        # and row.
+        check_silo(config, keyring=home.keyring() if config.source.encrypted else None)
         nodes.append(Node(bu_config=bu_config, home=home.directory, simulated=True))
         units.append(config)
     if len(refusals) == len(configs) and checkpoint is None:
