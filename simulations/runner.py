@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +27,7 @@ from federation.exchanges import exchange_rounds, resolve_job, taking_part
 from federation.job import Job, JobKind, Task
 from privacy.atomic import write_atomic
 from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed, SilofedError
+from privacy.home import UnitHome
 from privacy.unit_config import UNIT_CONFIG_FILE, UnitConfig
 from server.aggregation import declared_sizes
 from server.app import make_server_app
@@ -176,8 +179,8 @@ def _simulate_in(
     units = []
     refusals = {}
     for bu_config in configs:
-        config = UnitConfig.load(bu_config)
-        home = prepare_simulated_home(config, homes_root / config.unit)
+        config = declared[bu_config]
+        home = UnitHome(homes_root / config.unit, config)
         # Each BU's own decision, before any of its data is read (it decides again in the run).
         if (reason := would_admit(config, home, job)) is not None:
             refusals[config.unit] = reason
@@ -192,6 +195,11 @@ def _simulate_in(
         units.append(config)
     if len(refusals) == len(configs) and checkpoint is None:
         raise RefusedByUnit("every BU refuses the job: " + "; ".join(refusals.values()))
+    # Each BU's consent export is imported into its home while Flower starts Ray and its
+    # workers, which leaves the driver's core idle otherwise (the import is most of a large
+    # simulation's set-up); the first exchange waits for it (`RunPlan.ready`).
+    importing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="silofed-consent-import")
+    imports: list[Future[None]] = []
     plan = RunPlan(
         run_id=new_run_id() if checkpoint is None else checkpoint.run_id,
         job=job,
@@ -213,6 +221,7 @@ def _simulate_in(
         round_timeout=settings.round_timeout,
         connect_timeout=CONNECT_TIMEOUT,
         resume=checkpoint is not None,
+        ready=lambda: imports[0].result(),  # raises the import's error, if it failed
     )
     if checkpoint is None:
         _save_settings(staging, settings, job)
@@ -223,7 +232,14 @@ def _simulate_in(
     if job.secure_aggregation.enabled:
         deadline = min(deadline, job.secure_aggregation.timeout)  # each SecAgg+ stage's
     mods = [fault_mod(faults, names, deadline=deadline)] if faults else []
-    _run_engine(plan, nodes, mods=mods, verbose=settings.verbose, workers=settings.workers)
+    stop = threading.Event()
+    with importing:  # leaving waits for the import, whatever ended the run
+        imports.append(importing.submit(_import_consent, units, [n.home for n in nodes], stop))
+        try:
+            _run_engine(plan, nodes, mods=mods, verbose=settings.verbose, workers=settings.workers)
+        except BaseException:
+            stop.set()  # the import ends after the BU it is importing (Ctrl-C does not wait)
+            raise
     report_path = staging / "report.json"
     if not report_path.exists():
         raise RunFailed("the simulation ended without a report; see the Flower log above")
@@ -238,6 +254,16 @@ def _simulate_in(
 
 
 _PATHS = ("out", "data", "homes")  # the settings that are paths
+
+
+def _import_consent(units: list[UnitConfig], homes: list[Path], stop: threading.Event) -> None:
+    """What each simulated BU's steward does before a run: import the consent export beside its
+    silo into its home's registry (importing again changes nothing). Each import is one
+    transaction; `stop` ends the work between two BUs."""
+    for config, home in zip(units, homes, strict=True):
+        if stop.is_set():
+            return
+        prepare_simulated_home(config, home)
 
 
 def _save_settings(staging: Path, settings: SimulationSettings, job: Job) -> None:
