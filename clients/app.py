@@ -49,6 +49,7 @@ from clients.queries import query_vector
 from clients.replies import store_reply, stored_reply
 from clients.segments import segment_vector
 from clients.silo import load_silo, table_file
+from clients.steward import import_consent
 from clients.training import (
     conditional_round,
     entropy_generator,
@@ -94,6 +95,7 @@ from privacy.accounting import (
     distributed_plan,
     partitioned_epsilon,
 )
+from privacy.atomic import write_atomic
 from privacy.errors import ConfigurationError, RefusedByUnit, RunFailed
 from privacy.home import UnitHome
 from privacy.ledger import GaussianEvent, PrivacyEvent, PrivacyLedger
@@ -114,6 +116,9 @@ class Node:
     bu_config: Path
     home: Path | None
     simulated: bool
+    # simulation: the consent export beside the silo, which the BU's steward would import; the
+    # node imports it into its home at its first exchange (again only if the export changed)
+    consent_export: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -294,6 +299,22 @@ def _unit_config(path: Path, now_ns: int) -> UnitConfig:
     return unit
 
 
+CONSENT_IMPORTED = "consent-imported"  # in a simulated BU's home: the digest of its import
+
+
+def _import_simulated_consent(home: UnitHome, export: Path) -> None:
+    """A simulated BU's steward work, done by its node: the consent export imported into the
+    home's registry, once per content of the export (the marker holds its digest; importing again
+    would change nothing, at the cost of a full read)."""
+    digest = _content_digest(export, time.time_ns()).hex()
+    marker = home.directory / CONSENT_IMPORTED
+    with contextlib.suppress(FileNotFoundError):
+        if marker.read_text(encoding="ascii") == digest:
+            return
+    import_consent(home, export)
+    write_atomic(marker, digest)
+
+
 def _next_consent_event(
     registry: ConsentRegistry, purpose: str, now: datetime
 ) -> pd.Timestamp | None:
@@ -390,6 +411,8 @@ class BusinessUnitClient(NumPyClient):
         job = instruction.job
         unit = _unit_config(self.node.bu_config, time.time_ns())
         home = UnitHome.of(unit, self.node.home)
+        if self.node.consent_export is not None:
+            _import_simulated_consent(home, self.node.consent_export)
         replay = stored_reply(home.directory, instruction)
         if replay is not None:
             # A resumed run asks again for an exchange this BU answered: the same release again,
@@ -873,7 +896,8 @@ def _unit_report(
 def resolve_node(context: Context, nodes: Sequence[Node] | None) -> Node:
     """Deployment: the node config names the BU's `bu-config` (and optionally `home`). Simulation:
     virtual node `partition-id` serves the i-th BU, given by the simulation runner or listed from
-    the run config's `data-dir` (homes under `homes-dir`, prepared on first use)."""
+    the run config's `data-dir` (homes under `homes-dir`, their consent imported at the BU's
+    first exchange)."""
     if "bu-config" in context.node_config:
         home = context.node_config.get("home")
         return Node(
@@ -893,7 +917,7 @@ def resolve_node(context: Context, nodes: Sequence[Node] | None) -> Node:
 
 
 def _nodes_from_run_config(context: Context) -> list[Node]:
-    from clients.steward import prepare_simulated_home
+    from clients.steward import consent_export
 
     data_dir = str(context.run_config.get("data-dir", ""))
     if not data_dir:
@@ -904,9 +928,8 @@ def _nodes_from_run_config(context: Context) -> list[Node]:
     nodes = []
     for bu_config in sorted(Path(data_dir).glob(f"*/{UNIT_CONFIG_FILE}")):
         config = UnitConfig.load(bu_config)
-        home = homes_dir / config.unit
-        prepare_simulated_home(config, home)
-        nodes.append(Node(bu_config, home, True))
+        export = consent_export(config.source.directory)
+        nodes.append(Node(bu_config, homes_dir / config.unit, True, consent_export=export))
     return nodes
 
 

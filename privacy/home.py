@@ -6,6 +6,7 @@
     HOME/audit.jsonl      the BU's audit log (privacy.audit), signed with keys/audit.key
     HOME/replies/         each run's replies, kept to be replayed if the run resumes (clients.replies)
     HOME/prepared/        the job in progress's prepared data, for the BU's processes (clients.prepared)
+    HOME/consent-imported a simulated BU's: the digest of the consent export its node imported
     HOME/keys/            key material, files 0600 in a 0700 directory:
         pseudonym.key     HMAC key for pseudonyms, lineage and tombstones (held by the BU only)
         linkage.key       optional, shared by BUs for purposes that declare cross-BU linkage

@@ -91,8 +91,6 @@ def coordinator_strategy(record: RunRecord) -> FederatedRounds:
 
 
 def run_federation(grid: Grid, context: Context, plan: RunPlan) -> RunRecord:
-    if plan.ready is not None:
-        plan.ready()
     record = RunRecord(plan)
     record.audit = open_run_log(plan)
     units = plan.expected_units

@@ -51,9 +51,6 @@ class RunPlan:
     checkpoints: bool = True  # write the coordinator's checkpoint after each round (out)
     resume: bool = False  # go on from the checkpoint in `out` (same run id and start time)
     audit_key: Path | None = None  # the coordinator's audit signing key (None: SILOFED_HOME's)
-    # called before anything else: returns once the BUs are ready for the first exchange, or
-    # raises why they are not (a simulation sets its BUs up while Flower starts)
-    ready: Callable[[], None] | None = None
 
 
 @dataclass

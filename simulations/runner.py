@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import shutil
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 from clients.app import Node, make_client_app
 from clients.budget import would_admit
 from clients.silo import check_silo
-from clients.steward import encrypt_silo, prepare_simulated_home
+from clients.steward import consent_export, encrypt_silo
 from federation.exchanges import exchange_rounds, resolve_job, taking_part
 from federation.job import Job, JobKind, Task
 from privacy.atomic import write_atomic
@@ -179,7 +177,10 @@ def _simulate_in(
     units = []
     refusals = {}
     for bu_config in configs:
-        config = declared[bu_config]
+        config = UnitConfig.load(bu_config)
+        # The home's consent registry is filled by the BU's own node, from the export beside
+        # its silo, at its first exchange (`Node.consent_export`): on the Simulation Engine's
+        # workers, in parallel, rather than one BU after another here.
         home = UnitHome(homes_root / config.unit, config)
         # Each BU's own decision, before any of its data is read (it decides again in the run).
         if (reason := would_admit(config, home, job)) is not None:
@@ -191,15 +192,17 @@ def _simulate_in(
         # silo stops the run before the Simulation Engine starts and names the file, column
         # and row.
         check_silo(config, keyring=home.keyring() if config.source.encrypted else None)
-        nodes.append(Node(bu_config=bu_config, home=home.directory, simulated=True))
+        nodes.append(
+            Node(
+                bu_config=bu_config,
+                home=home.directory,
+                simulated=True,
+                consent_export=consent_export(config.source.directory),
+            )
+        )
         units.append(config)
     if len(refusals) == len(configs) and checkpoint is None:
         raise RefusedByUnit("every BU refuses the job: " + "; ".join(refusals.values()))
-    # Each BU's consent export is imported into its home while Flower starts Ray and its
-    # workers, which leaves the driver's core idle otherwise (the import is most of a large
-    # simulation's set-up); the first exchange waits for it (`RunPlan.ready`).
-    importing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="silofed-consent-import")
-    imports: list[Future[None]] = []
     plan = RunPlan(
         run_id=new_run_id() if checkpoint is None else checkpoint.run_id,
         job=job,
@@ -221,7 +224,6 @@ def _simulate_in(
         round_timeout=settings.round_timeout,
         connect_timeout=CONNECT_TIMEOUT,
         resume=checkpoint is not None,
-        ready=lambda: imports[0].result(),  # raises the import's error, if it failed
     )
     if checkpoint is None:
         _save_settings(staging, settings, job)
@@ -232,14 +234,7 @@ def _simulate_in(
     if job.secure_aggregation.enabled:
         deadline = min(deadline, job.secure_aggregation.timeout)  # each SecAgg+ stage's
     mods = [fault_mod(faults, names, deadline=deadline)] if faults else []
-    stop = threading.Event()
-    with importing:  # leaving waits for the import, whatever ended the run
-        imports.append(importing.submit(_import_consent, units, [n.home for n in nodes], stop))
-        try:
-            _run_engine(plan, nodes, mods=mods, verbose=settings.verbose, workers=settings.workers)
-        except BaseException:
-            stop.set()  # the import ends after the BU it is importing (Ctrl-C does not wait)
-            raise
+    _run_engine(plan, nodes, mods=mods, verbose=settings.verbose, workers=settings.workers)
     report_path = staging / "report.json"
     if not report_path.exists():
         raise RunFailed("the simulation ended without a report; see the Flower log above")
@@ -254,16 +249,6 @@ def _simulate_in(
 
 
 _PATHS = ("out", "data", "homes")  # the settings that are paths
-
-
-def _import_consent(units: list[UnitConfig], homes: list[Path], stop: threading.Event) -> None:
-    """What each simulated BU's steward does before a run: import the consent export beside its
-    silo into its home's registry (importing again changes nothing). Each import is one
-    transaction; `stop` ends the work between two BUs."""
-    for config, home in zip(units, homes, strict=True):
-        if stop.is_set():
-            return
-        prepare_simulated_home(config, home)
 
 
 def _save_settings(staging: Path, settings: SimulationSettings, job: Job) -> None:
