@@ -292,10 +292,10 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
 
 COMPARISON_NOTE = (
     "silofed: `silofed simulate --data` end to end (every silo checked and every BU's admission "
-    "decided, then fresh BU homes and their consent import while Ray starts, the rounds, the DP "
-    "evaluation, the run directory and reports); Ray places one virtual BU per core, and a BU "
-    "prepared by one worker is read back by the other from the BU's home "
-    "(`clients/prepared.py`). Plain loop: the same consent import, BU pipeline, noise multipliers, "
+    "decided before Ray starts, then the rounds, in which each BU's node first imports its consent "
+    "export into its fresh home, the DP evaluation, the run directory and reports); Ray places one "
+    "virtual BU per core, and a BU prepared by one worker is read back by the other from the BU's "
+    "home (`clients/prepared.py`). Plain loop: the same consent import, BU pipeline, noise multipliers, "
     "DP-SGD (same seeds), weighted average and held-out scoring in one process on one core. Both "
     "run the churn job at epsilon 3 with one local epoch per round and no ranges exchange "
     "(`bench.cost.model_job`), so that the loop repeats the arithmetic exactly. The last column "
