@@ -536,10 +536,22 @@ SCALE_RATIO_TARGET = 1.25
 SCALE_MEMORY_TARGET_GB = 3.0
 
 
+SCALE_REPEATS = 3  # paired runs (silofed, then the plain loop); the median ratio is the figure
+
+
 def run_scale_cost(quick: bool) -> dict[str, Any]:
-    row = compare(SCALE_QUICK if quick else SCALE)
+    """The scale comparison, repeated: on this machine one run's plain loop alone varies by a
+    fifth from run to run (123-153 s), so one pair is not enough to compare with a target. The
+    figures are those of the run with the median ratio; every run is listed; the peak is the
+    largest over all runs."""
+    company = SCALE_QUICK if quick else SCALE
+    runs = [compare(company) for _ in range(1 if quick else SCALE_REPEATS)]
+    median = sorted(runs, key=lambda run: run["ratio"])[len(runs) // 2]
+    peaks = [run["silofed_peak_gb"] for run in runs if run["silofed_peak_gb"] is not None]
     return {
-        **row,
+        **median,
+        "silofed_peak_gb": max(peaks) if peaks else None,
+        "runs": runs,
         "ratio_target": SCALE_RATIO_TARGET,
         "memory_target_gb": SCALE_MEMORY_TARGET_GB,
         "seeds": [SEED],
@@ -548,11 +560,18 @@ def run_scale_cost(quick: bool) -> dict[str, Any]:
 
 def scale_markdown(figures: dict[str, Any]) -> str:
     f = figures
+    runs = f.get("runs", [f])
     ratio_met = f["ratio"] <= f["ratio_target"]
     peak = f["silofed_peak_gb"]
     memory_met = peak is not None and peak <= f["memory_target_gb"]
+    summary = (
+        f"The median ratio of {len(runs)} paired runs (each: silofed, then the plain loop, on a "
+        f"fresh company): {f['ratio']:.2f}; the largest silofed peak: {peak} GB. "
+        if len(runs) > 1
+        else ""
+    )
     return (
-        f"{comparison_table([f])}\n\n{COMPARISON_NOTE} Targets: silofed at most "
+        f"{comparison_table(runs)}\n\n{COMPARISON_NOTE} {summary}Targets: silofed at most "
         f"{f['ratio_target']}x the plain loop ({'met' if ratio_met else 'not met'}), at most "
         f"{f['memory_target_gb']} GB peak over all processes "
         f"({'met' if memory_met else 'not met'}).\n"
