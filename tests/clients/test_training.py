@@ -16,6 +16,7 @@ import pytest
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
+from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -27,6 +28,8 @@ from clients.training import (
     entropy_generator,
     has_closed_form,
     local_plan,
+    output_gradients,
+    poisson_batches,
     private_linear_gradient,
     train_dp_sgd,
 )
@@ -355,6 +358,61 @@ def test_a_loss_averaged_over_the_batch_is_refused() -> None:
     step = GaussianStep(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=40)
     with pytest.raises(ValueError, match='reduction="none"'):
         private_linear_gradient(layer, nn.BCEWithLogitsLoss(), x, y, step, torch.Generator())
+
+
+@pytest.mark.parametrize("task", ["churn", "ltv"])
+@pytest.mark.parametrize("n", [0, 1, 40])
+def test_the_output_gradients_are_autograds_bit_for_bit(task: str, n: int) -> None:
+    layer, x, y = _linear_batch()
+    if task == "ltv":  # labels anywhere in [0, 1], as the LTV task scales them
+        y = torch.as_tensor(np.random.default_rng(5).random(40).astype(np.float32))
+    with torch.no_grad():
+        outputs = layer(x[:n])
+    criterion = adapter(task).loss()
+    closed = output_gradients(criterion, outputs, y[:n])
+    leaf = outputs.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(criterion(leaf.squeeze(-1), y[:n]).sum(), leaf)
+    assert closed.shape == expected.shape == (n, 1)
+    assert torch.equal(closed, expected)
+
+
+def test_a_weighted_loss_takes_its_gradients_from_autograd() -> None:
+    layer, x, y = _linear_batch()
+    with torch.no_grad():
+        outputs = layer(x)
+    weighted = nn.BCEWithLogitsLoss(reduction="none", pos_weight=torch.tensor(3.0))
+    leaf = outputs.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(weighted(leaf.squeeze(-1), y).sum(), leaf)
+    gradients = output_gradients(weighted, outputs, y)
+    torch.testing.assert_close(gradients, expected, rtol=0, atol=0)
+    unweighted = output_gradients(adapter("churn").loss(), outputs, y)
+    assert not torch.allclose(gradients, unweighted)  # the weight was not dropped
+
+
+def test_poisson_batches_are_opacus_samplers_draws() -> None:
+    x, y = _data(n=50)
+    dataset = TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
+    loaders = [
+        DPDataLoader.from_data_loader(
+            DataLoader(dataset, batch_size=20), generator=torch.Generator().manual_seed(8)
+        )
+        for _ in range(2)
+    ]
+    drawn = list(poisson_batches(loaders[0]))
+    theirs = list(loaders[1].batch_sampler)
+    assert len(drawn) == len(theirs) == 3  # 1 / sample rate steps, as Opacus's sampler takes
+    for (features, labels), indices in zip(drawn, theirs, strict=True):
+        assert torch.equal(features, dataset.tensors[0][indices])
+        assert torch.equal(labels, dataset.tensors[1][indices])
+    states = [loader.batch_sampler.generator.get_state() for loader in loaders]
+    assert torch.equal(*states)  # the same draws: the noise that follows is the same too
+
+
+def test_poisson_batches_refuse_a_loader_that_does_not_sample_by_poisson() -> None:
+    x, y = _data(n=10)
+    loader = DataLoader(TensorDataset(torch.as_tensor(x), torch.as_tensor(y)), batch_size=5)
+    with pytest.raises(TypeError, match="Poisson"):
+        next(poisson_batches(loader))
 
 
 def test_every_task_model_has_the_closed_form_and_other_models_use_opacus() -> None:
