@@ -143,6 +143,67 @@ def test_a_log_resumes_where_it_ends_and_refuses_to_grow_a_tampered_one(tmp_path
     assert path.read_bytes() == before
 
 
+def _counting_entry_hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the entries whose hash `privacy.audit` computes (each one an entry verified)."""
+    import privacy.audit
+
+    calls = [0]
+    real = privacy.audit.entry_hash
+
+    def counted(entry):
+        calls[0] += 1
+        return real(entry)
+
+    monkeypatch.setattr(privacy.audit, "entry_hash", counted)
+    return calls
+
+
+def test_a_writer_opening_a_log_again_verifies_only_what_was_appended_since(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    _complete_log(path)  # 16 entries
+    hashed = _counting_entry_hashes(monkeypatch)
+    AuditLog(path, actor="coordinator", key=KEY)
+    assert hashed[0] == 16 + 1  # every entry, and the signed head
+    other = AuditLog(path, actor="coordinator", key=KEY)  # another process appends meanwhile
+    other.append("run.started", {"run": "r2"})
+    other.checkpoint(final=True)
+    hashed[0] = 0
+    again = AuditLog(path, actor="coordinator", key=KEY)
+    assert hashed[0] == 2 + 1  # the two new entries, and the head
+    assert (again.seq, again.prev) == (18, json.loads(_lines(path)[-1])["hash"])
+    assert verify(path, KEY.public_key()).status is Status.COMPLETE
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [_flip_byte, lambda lines: [*lines[:7], *lines[8:]], lambda lines: lines[:-3]],
+    ids=["byte-flip", "deleted", "truncated"],
+)
+def test_a_log_edited_after_a_writer_verified_it_is_refused_on_the_next_open(
+    tmp_path: Path, edit
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    _complete_log(path)
+    AuditLog(path, actor="coordinator", key=KEY)  # verified, and remembered
+    _write(path, edit(_lines(path)))  # in place: the same file, as an editor would leave it
+    with pytest.raises(ConfigurationError, match="does not verify"):
+        AuditLog(path, actor="coordinator", key=KEY)
+    assert verify(path, KEY.public_key()).status is Status.TAMPERED
+
+
+def test_a_log_replaced_after_a_writer_verified_it_is_verified_in_full(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    _complete_log(path)
+    AuditLog(path, actor="coordinator", key=KEY)
+    forged = tmp_path / "forged.jsonl"
+    _write(forged, _flip_byte(_lines(path)))
+    forged.replace(path)
+    with pytest.raises(ConfigurationError, match="tampered at sequence 7"):
+        AuditLog(path, actor="coordinator", key=KEY)
+
+
 def test_a_forged_head_is_itself_evidence(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     _complete_log(path)
