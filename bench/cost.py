@@ -75,11 +75,12 @@ def measured(run: Callable[[], Any]) -> Measured:
 
 
 def forget_memoised_accounting() -> None:
-    """Empty this process's memo of RDP curves (`privacy.accounting`), so that a run does not
-    reuse the curves an earlier run computed: each Ray worker starts without them too."""
-    from privacy.accounting import _step_curve
+    """Empty this process's memos of RDP curves and calibrations (`privacy.accounting`), so that
+    a run does not reuse what an earlier run computed: each Ray worker starts without them too."""
+    from privacy.accounting import _calibrated, _step_curve
 
     _step_curve.cache_clear()
+    _calibrated.cache_clear()
 
 
 def release_freed_memory() -> None:

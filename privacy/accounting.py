@@ -156,7 +156,30 @@ def calibrate_noise_multiplier(
     """The noise multiplier whose `steps` steps at `sample_rate`, composed after `spent`, reach an
     epsilon in [(1 - relative_tolerance) x target, target] at `delta`. Never above the target.
     `holdout`: releases of the same run on the held-out customers only, which compose with these
-    steps in parallel (`partitioned_epsilon`)."""
+    steps in parallel (`partitioned_epsilon`). Memoised: a BU's every exchange, the coordinator
+    and the reports ask for the same calibration, and each costs a search of a few milliseconds
+    (far more while the RDP curves it visits are new)."""
+    return _calibrated(
+        target_epsilon,
+        delta,
+        sample_rate,
+        steps,
+        relative_tolerance,
+        tuple(spent),
+        tuple(holdout),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _calibrated(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    relative_tolerance: float,
+    spent: tuple[DpSgdEvent, ...],
+    holdout: tuple[DpSgdEvent, ...],
+) -> float:
     if (
         not (math.isfinite(target_epsilon) and target_epsilon > 0 and 0 < delta < 1 and steps > 0)
         or not 0 < sample_rate <= 1

@@ -197,3 +197,22 @@ def test_the_memoised_step_curve_is_opacus_compute_rdp_bit_for_bit() -> None:
         assert np.array_equal(_step_curve(q, sigma) * steps, expected)
     with pytest.raises(ValueError):
         _step_curve(0.1, 1.3)[0] = 0.0  # the cached curve cannot be changed by a caller
+
+
+def test_a_memoised_calibration_is_the_search_itself_and_errors_are_never_kept() -> None:
+    from privacy.accounting import _calibrated
+
+    spent, holdout = [DpSgdEvent(4.0, 1.0, 1)], [DpSgdEvent(6.0, 1.0, 1)]
+    _calibrated.cache_clear()
+    first = calibrate_noise_multiplier(3.0, 1e-5, 0.02, 500, spent=spent, holdout=holdout)
+    searched = _calibrated.__wrapped__(3.0, 1e-5, 0.02, 500, 0.05, tuple(spent), tuple(holdout))
+    assert first == searched
+    # lists or tuples, the same calibration: asked again, it is not searched again
+    again = calibrate_noise_multiplier(
+        3.0, 1e-5, 0.02, 500, spent=tuple(spent), holdout=tuple(holdout)
+    )
+    assert again == first and _calibrated.cache_info().hits == 1
+    for _ in range(2):  # a refusal is raised every time it is asked for
+        with pytest.raises(ConfigurationError, match="cannot calibrate"):
+            calibrate_noise_multiplier(3.0, 1e-5, 0.0, 500)
+    assert _calibrated.cache_info().currsize == 1
