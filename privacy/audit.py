@@ -226,8 +226,10 @@ class _Prefix:
 # A writer's memo of what it verified, per log file (path, device, inode): opening a log again
 # checks the hash of that prefix and verifies only the entries after it. Without it, every
 # exchange of a BU verified its whole log again, a cost growing with every run it ever took part
-# in (about 0.1 ms per entry).
+# in (about 0.1 ms per entry). The logs a process opened last are remembered (a BU's node serves
+# one home; a simulation worker or a coordinator, a few hundred).
 _VERIFIED: dict[tuple[str, int, int], _Prefix] = {}
+VERIFIED_KEPT = 1024
 
 
 def _verify_on_open(path: Path, public_key: Ed25519PublicKey) -> Verification:
@@ -252,6 +254,8 @@ def _verify_on_open(path: Path, public_key: Ed25519PublicKey) -> Verification:
         _VERIFIED[key] = _Prefix(
             len(data), digest.digest(), result.entries, result.last_hash, complete
         )
+        while len(_VERIFIED) > VERIFIED_KEPT:  # the least recently opened first
+            del _VERIFIED[next(iter(_VERIFIED))]
     return result
 
 

@@ -176,6 +176,26 @@ def test_a_writer_opening_a_log_again_verifies_only_what_was_appended_since(
     assert verify(path, KEY.public_key()).status is Status.COMPLETE
 
 
+def test_a_writer_remembers_the_logs_it_opened_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import privacy.audit
+
+    monkeypatch.setattr(privacy.audit, "VERIFIED_KEPT", 2)
+    paths = [tmp_path / f"audit-{i}.jsonl" for i in range(3)]
+    for path in paths:
+        _complete_log(path)  # 16 entries each
+    hashed = _counting_entry_hashes(monkeypatch)
+    for path in paths:
+        AuditLog(path, actor="coordinator", key=KEY)
+    hashed[0] = 0
+    AuditLog(paths[2], actor="coordinator", key=KEY)
+    AuditLog(paths[1], actor="coordinator", key=KEY)
+    assert hashed[0] == 2  # remembered: the signed heads only
+    AuditLog(paths[0], actor="coordinator", key=KEY)
+    assert hashed[0] == 2 + 17  # forgotten, the oldest: verified in full
+
+
 @pytest.mark.parametrize(
     "edit",
     [_flip_byte, lambda lines: [*lines[:7], *lines[8:]], lambda lines: lines[:-3]],
