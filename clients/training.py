@@ -8,8 +8,9 @@ client each round, and the history lives in the node's state between rounds.
 Every task's model is one `nn.Linear`, whose per-customer gradients have a closed form:
 `private_linear_gradient` clips and noises them exactly as Opacus's hooks and `DPOptimizer` do
 (the same clip factor, noise draws from the same generator, the same division), at a fraction of
-their per-step cost. Other models go through Opacus's hooks. Both paths take Poisson batches from
-Opacus's `DPDataLoader` and count every step, empty or not, in Opacus's RDP accountant.
+their per-step cost. Other models go through Opacus's hooks. Both paths take Poisson batches
+drawn as Opacus's `DPDataLoader` samples them (`poisson_batches`) and count every step, empty or
+not, in Opacus's RDP accountant.
 """
 
 from __future__ import annotations
