@@ -265,7 +265,7 @@ def _save_settings(staging: Path, settings: SimulationSettings, job: Job) -> Non
     write_atomic(staging / SIMULATION_FILE, json.dumps(document, indent=1))
 
 
-def _waiting_nodes_first(original: Callable[..., None]) -> Callable[..., None]:
+def _waiting_nodes_poller(original: Callable[..., None]) -> Callable[..., None]:
     """Flower's `vce_api.add_messages_to_queue` (the Simulation Engine's thread that hands each
     virtual node its instructions), asking the link state only for the nodes that have an
     instruction waiting. Flower's own loop asks for every node every 0.1 s, and each question
@@ -276,15 +276,15 @@ def _waiting_nodes_first(original: Callable[..., None]) -> Callable[..., None]:
     one is left to Flower's own loop (`original`)."""
 
     def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
-        if not isinstance(getattr(state, "message_ins_store", None), dict) or not hasattr(
-            state, "lock"
-        ):
-            return original(state, queue, nodes_mapping, f_stop)
+        store = getattr(state, "message_ins_store", None)
+        if not isinstance(store, dict) or not hasattr(state, "lock"):
+            original(state, queue, nodes_mapping, f_stop)
+            return
         while not f_stop.is_set():
             with state.lock:
                 waiting = {
                     message.metadata.dst_node_id
-                    for message in state.message_ins_store.values()
+                    for message in store.values()
                     if message.metadata.delivered_at == ""
                 }
             for node_id in nodes_mapping:
@@ -292,19 +292,18 @@ def _waiting_nodes_first(original: Callable[..., None]) -> Callable[..., None]:
                     for message in state.get_message_ins(node_id=node_id, limit=1):
                         queue.put(message)
             f_stop.wait(0.1)
-        return None
 
     return add_messages_to_queue
 
 
 @contextlib.contextmanager
 def _engine_polling() -> Iterator[None]:
-    """Flower's Simulation Engine with `_waiting_nodes_first` as its instruction poller, for as
+    """Flower's Simulation Engine with `_waiting_nodes_poller` as its instruction poller, for as
     long as the context lasts."""
     from flwr.server.superlink.fleet.vce import vce_api
 
     original = vce_api.add_messages_to_queue
-    vce_api.add_messages_to_queue = _waiting_nodes_first(original)
+    vce_api.add_messages_to_queue = _waiting_nodes_poller(original)
     try:
         yield
     finally:

@@ -1,4 +1,4 @@
-"""The Simulation Engine's instruction poller (`simulations.runner._waiting_nodes_first`): it hands
+"""The Simulation Engine's instruction poller (`simulations.runner._waiting_nodes_poller`): it hands
 the queue exactly the messages Flower's own loop would, asks the link state only about nodes with
 a waiting instruction, and leaves any other link state to Flower."""
 
@@ -15,7 +15,7 @@ from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.superlink.federation import NoOpFederationManager
 
-from simulations.runner import _engine_polling, _waiting_nodes_first
+from simulations.runner import _engine_polling, _waiting_nodes_poller
 
 
 class _State:
@@ -44,7 +44,7 @@ def _poll_until_drained(state, nodes: list[int], expected: int, original=None) -
     """Runs the poller on its own thread until `expected` messages reached the queue."""
     received: queue.Queue = queue.Queue()
     stop = threading.Event()
-    poller = _waiting_nodes_first(original or (lambda *args: None))
+    poller = _waiting_nodes_poller(original or (lambda *args: None))
     thread = threading.Thread(target=poller, args=(state, received, dict.fromkeys(nodes), stop))
     thread.start()
     try:
@@ -71,7 +71,7 @@ def test_a_link_state_of_another_kind_is_left_to_flowers_own_loop() -> None:
         handed.append(state)
 
     other = SimpleNamespace()  # no message store: not Flower 1.41's in-memory state
-    _waiting_nodes_first(original)(other, queue.Queue(), {}, threading.Event())
+    _waiting_nodes_poller(original)(other, queue.Queue(), {}, threading.Event())
     assert handed == [other]
 
 
@@ -79,7 +79,7 @@ def test_the_poller_replaces_flowers_only_while_the_engine_runs() -> None:
     flowers = vce_api.add_messages_to_queue
     with _engine_polling():
         assert vce_api.add_messages_to_queue is not flowers
-        assert vce_api.add_messages_to_queue.__qualname__.startswith("_waiting_nodes_first")
+        assert vce_api.add_messages_to_queue.__qualname__.startswith("_waiting_nodes_poller")
     assert vce_api.add_messages_to_queue is flowers
 
 
